@@ -1,0 +1,43 @@
+"""Training configs: LLaMA-Factory arguments for a LoRA SFT run, versioned once a run uses them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Field, SQLModel
+
+from app.models.base import created_at_field, json_field
+
+
+class TrainConfigBase(SQLModel):
+    name: str = Field(index=True, max_length=100)
+    description: str = ""
+
+
+class TrainConfig(TrainConfigBase, table=True):
+    __tablename__ = "train_config"
+
+    id: int | None = Field(default=None, primary_key=True)
+    version: int = 1
+    # The config this one was edited from (a frozen config is never changed in place).
+    parent_id: int | None = Field(default=None, foreign_key="train_config.id")
+    model_id: int | None = Field(default=None, foreign_key="modelentry.id")
+    # LLaMA-Factory arguments exactly as exported to YAML, minus the panel-owned keys.
+    params: dict[str, Any] = json_field()
+    dataset_ids: list[int] = json_field(list)
+    gpus: int = 0
+    frozen: bool = False
+    created_at: datetime = created_at_field()
+
+
+class TrainConfigPublic(TrainConfigBase):
+    id: int
+    version: int
+    parent_id: int | None
+    model_id: int | None
+    params: dict[str, Any]
+    dataset_ids: list[int]
+    gpus: int
+    frozen: bool
+    created_at: datetime

@@ -1,0 +1,49 @@
+"""Datasets: an uploaded file, validated as it streamed in, registered for LLaMA-Factory."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Field, SQLModel
+
+from app.models.base import created_at_field, json_field
+
+
+class DatasetBase(SQLModel):
+    name: str = Field(index=True, unique=True, max_length=100)
+    description: str = ""
+
+
+class Dataset(DatasetBase, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    formatting: str  # "alpaca" | "sharegpt"
+    file_kind: str  # "json" | "jsonl"
+    original_filename: str
+    sha256: str = Field(index=True, unique=True)
+    size_bytes: int
+    row_count: int
+    # LLaMA-Factory's `columns` / `tags` of the dataset_info.json entry; empty means default names.
+    columns: dict[str, str] = json_field()
+    tags: dict[str, str] = json_field()
+    # Validation report: problems by kind, stats, preview rows.
+    report: dict[str, Any] = json_field()
+    created_at: datetime = created_at_field()
+
+
+class DatasetPublic(DatasetBase):
+    id: int
+    formatting: str
+    file_kind: str
+    original_filename: str
+    sha256: str
+    size_bytes: int
+    row_count: int
+    columns: dict[str, str]
+    tags: dict[str, str]
+    created_at: datetime
+
+
+class DatasetUpdate(SQLModel):
+    name: str | None = Field(default=None, max_length=100)
+    description: str | None = None

@@ -1,0 +1,110 @@
+"""Settings from `TUNEBOARD_…` environment variables or a `.env` file."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES_DIR = PROJECT_ROOT / "templates"
+STATIC_DIR = PROJECT_ROOT / "static"
+MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
+
+DEV_SECRET = "dev-insecure-secret-change-me"
+
+
+class Environment(StrEnum):
+    dev = "dev"
+    test = "test"
+    prod = "prod"
+
+
+def _env_bin(env: str, name: str) -> str:
+    """A command inside one of the repo's own environments (`make` builds them under .envs/)."""
+    return str(PROJECT_ROOT / ".envs" / env / "bin" / name)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEBOARD_", env_file=".env", extra="ignore")
+
+    environment: Environment = Environment.dev
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    # None: the embedded Celery transport (kombu's SQLAlchemy transport on a SQLite file
+    # in the data dir), so the panel runs with no Redis. Set redis://… for remote workers.
+    broker_url: str | None = None
+    secret_key: str = DEV_SECRET
+    # Shared secret of the worker → app channel; derived from secret_key when unset.
+    internal_token: str | None = None
+    # Where workers send reports (the app's own URL as seen from a worker).
+    app_url: str = "http://127.0.0.1:8000"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_roots: list[Path] = Field(default_factory=lambda: [Path("data/models")])
+    max_upload_bytes: int = 2 * 1024**3
+
+    # Commands of the training and serving environments (their pins conflict with the app's).
+    train_python: str = _env_bin("train", "python")
+    llamafactory_cli: str = _env_bin("train", "llamafactory-cli")
+    serve_python: str = _env_bin("serve", "python")
+
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 30.0
+    # Grace between SIGABRT (LLaMA-Factory saves and stops) and SIGTERM/SIGKILL.
+    cancel_grace_s: float = 60.0
+
+    @model_validator(mode="after")
+    def _refuse_default_secret(self) -> "Settings":
+        if self.environment == Environment.prod and self.secret_key == DEV_SECRET:
+            raise ValueError("TUNEBOARD_SECRET_KEY must be set to a secret of your own outside dev")
+        return self
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_data_dir / 'tuneboard.db'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.resolved_data_dir / 'broker.db'}"
+
+    @property
+    def celery_result_backend(self) -> str:
+        """Only the ping round-trip keeps a result; everything else reports to the app."""
+        if self.broker_url is None:
+            return f"db+sqlite:///{self.resolved_data_dir / 'celery-results.db'}"
+        return self.broker_url
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def worker_token(self) -> str:
+        if self.internal_token:
+            return self.internal_token
+        return _derive(self.secret_key, "internal")
+
+    def path(self, *parts: str) -> Path:
+        """A path under the data dir, created on demand."""
+        target = self.resolved_data_dir.joinpath(*parts)
+        target.mkdir(parents=True, exist_ok=True)
+        return target
+
+
+def _derive(secret: str, purpose: str) -> str:
+    return hmac.new(secret.encode(), purpose.encode(), hashlib.sha256).hexdigest()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,38 @@
+"""Jinja2 templates with named blocks: one route serves a whole page or, to htmx, one fragment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+
+from app.settings import TEMPLATES_DIR
+
+templates = Jinja2Templates(directory=TEMPLATES_DIR)
+
+
+def is_htmx(request: Request) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def render(
+    request: Request,
+    name: str,
+    context: dict[str, Any] | None = None,
+    *,
+    block: str | None = None,
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+) -> HTMLResponse:
+    """Render `name`; with `block`, only that named block (an htmx fragment of the same page)."""
+    context = {"request": request, **(context or {})}
+    if block is None:
+        return templates.TemplateResponse(
+            request, name, context, status_code=status_code, headers=headers
+        )
+    template = templates.env.get_template(name)
+    template_context = template.new_context({**templates.env.globals, **context})
+    html = "".join(template.blocks[block](template_context))
+    return HTMLResponse(html, status_code=status_code, headers=headers)

@@ -1,0 +1,38 @@
+// Small behaviours shared by every page.
+
+// Buttons are disabled while their htmx request is in flight (no double submits).
+document.addEventListener("htmx:beforeRequest", (event) => {
+  const el = event.detail.elt;
+  const button = el.matches("button") ? el : el.querySelector?.("button[type=submit], button:not([type])");
+  if (button) { button.disabled = true; button.setAttribute("aria-busy", "true"); }
+});
+document.addEventListener("htmx:afterRequest", (event) => {
+  const el = event.detail.elt;
+  const button = el.matches("button") ? el : el.querySelector?.("button[type=submit], button:not([type])");
+  if (button) { button.disabled = false; button.removeAttribute("aria-busy"); }
+});
+// Plain forms too: one submit only.
+document.addEventListener("submit", (event) => {
+  const form = event.target;
+  if (form.hasAttribute("hx-post") || form.hasAttribute("hx-put") || form.hasAttribute("data-no-lock")) return;
+  form.querySelectorAll("button[type=submit], button:not([type])").forEach((b) => { b.disabled = true; b.setAttribute("aria-busy", "true"); });
+});
+
+// Times in the user's locale: <time datetime="ISO">…</time>.
+function localizeTimes(root) {
+  root.querySelectorAll("time[datetime]").forEach((t) => {
+    const d = new Date(t.getAttribute("datetime"));
+    if (!isNaN(d)) { t.textContent = d.toLocaleString(); t.title = t.getAttribute("datetime"); }
+  });
+}
+document.addEventListener("DOMContentLoaded", () => localizeTimes(document));
+document.addEventListener("htmx:afterSwap", (event) => localizeTimes(event.detail.target));
+
+// Copy buttons: <button data-copy="#id">.
+document.addEventListener("click", (event) => {
+  const button = event.target.closest("[data-copy]");
+  if (!button) return;
+  const source = document.querySelector(button.dataset.copy);
+  navigator.clipboard?.writeText(source.value ?? source.textContent);
+  button.textContent = "Copied";
+});

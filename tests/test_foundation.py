@@ -1,0 +1,42 @@
+"""The skeleton: health, pages, OpenAPI, database pragmas and migrations."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlmodel import Session
+
+from app.db import get_engine
+
+
+def test_health_is_open(client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_openapi_lists_the_json_api(client) -> None:
+    schema = client.get("/api/v1/openapi.json").json()
+    assert schema["info"]["title"] == "Tuneboard"
+    assert client.get("/api/docs").status_code == 200
+
+
+def test_sqlite_runs_in_wal_with_foreign_keys(client) -> None:
+    with Session(get_engine()) as session:
+        assert session.exec(text("PRAGMA journal_mode")).one()[0] == "wal"
+        assert session.exec(text("PRAGMA foreign_keys")).one()[0] == 1
+        assert session.exec(text("PRAGMA busy_timeout")).one()[0] == 5000
+
+
+def test_vendored_scripts_are_served(client) -> None:
+    for name in ("htmx-2.0.11.min.js", "htmx-ext-sse-2.2.4.min.js", "uPlot-1.6.32.iife.min.js"):
+        response = client.get(f"/static/vendor/{name}")
+        assert response.status_code == 200 and len(response.content) > 1000
+
+
+def test_migrations_match_the_models(client) -> None:
+    """The schema Alembic builds at start-up is exactly what the models declare."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlmodel import SQLModel
+
+    with get_engine().connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
+    assert diff == []

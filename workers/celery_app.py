@@ -1,0 +1,52 @@
+"""The Celery application shared by the web app (which sends tasks) and the workers.
+
+With no broker configured it uses kombu's SQLAlchemy transport on a SQLite file in the
+data dir, so the panel runs with no server; with TUNEBOARD_BROKER_URL=redis://… the
+same tasks go through Redis and workers can live on other machines.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.settings import Settings, get_settings
+
+TRAIN_QUEUE = "train"
+SERVE_QUEUE = "serve"
+DEFAULT_QUEUE = "default"
+
+
+def make_celery(settings: Settings) -> Celery:
+    if settings.uses_embedded_broker:
+        settings.path()  # the broker's SQLite file lives in the data dir
+    celery = Celery(
+        "tuneboard",
+        broker=settings.celery_broker_url,
+        backend=settings.celery_result_backend,
+        include=["workers.tasks"],
+    )
+    transport_options: dict[str, object] = {
+        # A training task runs for hours; redelivery after this timeout is expected and
+        # handled by the app (a run is claimed once per attempt), never by starting twice.
+        "visibility_timeout": 3600,
+    }
+    if settings.uses_embedded_broker:
+        # The SQLAlchemy transport polls; a short interval keeps submit → start fast.
+        transport_options["polling_interval"] = 0.1
+    celery.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_default_queue=DEFAULT_QUEUE,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=False,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return celery
+
+
+celery_app = make_celery(get_settings())
