@@ -8,11 +8,13 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from app.auth import require_user
+from app.auth import require_user, require_worker
 from app.db import migrate
 from app.routes import configs, datasets, deployments, health, models, runs, workers
 from app.settings import STATIC_DIR, get_settings
 
+# Each area module has `router` (pages) and `api_router` (/api/v1), both behind login, and
+# may have `internal_router` (/internal/v1, the worker channel, behind the worker token).
 AREAS = (datasets, configs, models, runs, deployments, workers)
 
 
@@ -22,13 +24,13 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
-def create_app(*, run_migrations: bool = True) -> FastAPI:
+def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(
         title="Tuneboard",
         version="0.1.0",
         description="Fine-tune LLMs with LLaMA-Factory: datasets, configs, runs and deployments.",
-        lifespan=lifespan if run_migrations else None,
+        lifespan=lifespan,
         docs_url="/api/docs",
         openapi_url="/api/v1/openapi.json",
         redoc_url=None,
@@ -40,4 +42,10 @@ def create_app(*, run_migrations: bool = True) -> FastAPI:
     for area in AREAS:
         app.include_router(area.router, dependencies=logged_in)
         app.include_router(area.api_router, dependencies=logged_in)
+        internal = getattr(area, "internal_router", None)
+        if internal is not None:
+            app.include_router(
+                internal, prefix="/internal/v1", dependencies=[Depends(require_worker)],
+                include_in_schema=False,
+            )
     return app
