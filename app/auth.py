@@ -4,14 +4,115 @@
 from __future__ import annotations
 
 import hmac
+from typing import Annotated, Any
+from urllib.parse import quote, urlsplit
 
-from fastapi import HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, status
 
+from app.db import SessionDep
+from app.models.user import User
+from app.security import (
+    CSRF_FORM_FIELD,
+    CSRF_HEADER,
+    csrf_matches,
+    password_fingerprint,
+    read_session,
+)
+from app.services.users import find_token, get_user
 from app.settings import get_settings
+from app.templating import is_htmx, templates
+
+API_PREFIX = "/api/v1"
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-def require_user() -> None:
-    return None
+def _login_url(request: Request) -> str:
+    # For htmx, come back to the page the fragment was on, not to the fragment's URL.
+    current = request.headers.get("HX-Current-URL")
+    if current:
+        parts = urlsplit(current)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+    else:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return f"/login?next={quote(target, safe='/')}"
+
+
+def _not_logged_in(request: Request) -> HTTPException:
+    if request.url.path.startswith(API_PREFIX):
+        return HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "log in or send Authorization: Bearer <API token>",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if is_htmx(request):
+        return HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "login required", headers={"HX-Redirect": _login_url(request)}
+        )
+    return HTTPException(status.HTTP_303_SEE_OTHER, "login required", headers={"Location": _login_url(request)})
+
+
+def session_user(request: Request, session: SessionDep) -> User | None:
+    """The user of the session cookie, if it is valid and their password has not changed since."""
+    data = read_session(request)
+    user_id = data.get("uid")
+    if not isinstance(user_id, int):
+        return None
+    user = get_user(session, user_id)
+    if user is None or data.get("pw") != password_fingerprint(user.password_hash):
+        return None
+    return user
+
+
+async def _check_csrf(request: Request, expected: str | None) -> None:
+    given = request.headers.get(CSRF_HEADER)
+    content_type = request.headers.get("content-type", "")
+    # Only url-encoded forms are read here: parsing a multipart body would consume a streaming
+    # upload, so uploads must send the header.
+    if given is None and content_type.startswith("application/x-www-form-urlencoded"):
+        field = (await request.form()).get(CSRF_FORM_FIELD)
+        given = field if isinstance(field, str) else None
+    if not csrf_matches(expected, given):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"missing or wrong CSRF token: send the {CSRF_HEADER} header (or a {CSRF_FORM_FIELD} "
+            "form field); reload the page if it has expired",
+        )
+
+
+async def require_user(request: Request, session: SessionDep) -> User:
+    """The logged-in user: a session cookie (CSRF-checked on state-changing requests) or, for
+    /api/v1, `Authorization: Bearer <personal API token>`."""
+    authorization = request.headers.get("Authorization", "")
+    if authorization.startswith("Bearer ") and request.url.path.startswith(API_PREFIX):
+        token = find_token(session, authorization.removeprefix("Bearer ").strip(), kind="api")
+        user = get_user(session, token.user_id) if token is not None else None
+        if user is None:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "unknown or revoked API token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        request.state.user = user
+        return user  # a bearer token is not sent by browsers on their own: no CSRF to fear
+    user = session_user(request, session)
+    if user is None:
+        raise _not_logged_in(request)
+    if request.method in STATE_CHANGING_METHODS:
+        await _check_csrf(request, read_session(request).get("csrf"))
+    request.state.user = user
+    return user
+
+
+CurrentUser = Annotated[User, Depends(require_user)]
+
+
+def auth_context(request: Request) -> dict[str, Any]:
+    """What every template sees: `current_user` and `csrf_token` (for forms and base.html's htmx header)."""
+    return {
+        "current_user": getattr(request.state, "user", None),
+        "csrf_token": read_session(request).get("csrf", ""),
+    }
+
+
+templates.context_processors.append(auth_context)
 
 
 def require_worker(request: Request) -> None:

@@ -4,24 +4,69 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from sqlmodel import Session
 
 from app.auth import require_user, require_worker
-from app.db import migrate
-from app.routes import configs, datasets, deployments, health, models, runs, workers
+from app.db import get_engine, migrate
+from app.demo import install_demo
+from app.routes import auth, configs, datasets, deployments, gateway, health, home, models, runs, workers
+from app.services.runs import watch_lost_runs
 from app.settings import STATIC_DIR, get_settings
 
 # Each area module has `router` (pages) and `api_router` (/api/v1), both behind login, and
 # may have `internal_router` (/internal/v1, the worker channel, behind the worker token).
-AREAS = (datasets, configs, models, runs, deployments, workers)
+AREAS = (datasets, configs, models, runs, deployments, workers, auth)
+
+
+class ApiError(BaseModel):
+    """Every refusal of /api/v1: `detail` says why (a list of field errors for a 422)."""
+
+    detail: str | list[Any]
+    errors: list[dict[str, Any]] | None = None  # field → message, for a refused config
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    """The gateway's refusals, in OpenAI's shape."""
+
+    error: OpenAIErrorBody
+
+
+# Declared in the schema so that clients (and the fuzzer's conformance checks) know them.
+# Refusals are JSON even where the route answers text (FastAPI files them under the route's type).
+def _json_error(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return {"model": model, "description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+
+
+API_ERRORS: dict[int | str, dict[str, Any]] = {"4XX": _json_error(ApiError, "Refused: see `detail`")}
+GATEWAY_ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": _json_error(OpenAIError, "Refused"),
+    502: _json_error(OpenAIError, "The model's server did not answer"),
+}
 
 
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     migrate()
-    yield
+    if get_settings().demo:
+        with Session(get_engine()) as session:
+            install_demo(session)
+    async with watch_lost_runs():
+        yield
 
 
 def create_app() -> FastAPI:
@@ -31,17 +76,30 @@ def create_app() -> FastAPI:
         version="0.1.0",
         description="Fine-tune LLMs with LLaMA-Factory: datasets, configs, runs and deployments.",
         lifespan=lifespan,
-        docs_url="/api/docs",
-        openapi_url="/api/v1/openapi.json",
+        # Served below, behind login like every other page and API route.
+        docs_url=None,
+        openapi_url=None,
         redoc_url=None,
     )
     app.state.settings = settings
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(health.router)
+    app.include_router(gateway.router, responses=GATEWAY_ERRORS)  # OpenAI-compatible: its own key auth, not the login
+    app.include_router(auth.public_router)  # login, setup, logout
     logged_in = [Depends(require_user)]
+    app.include_router(home.router, dependencies=logged_in)
+
+    @app.get("/api/v1/openapi.json", include_in_schema=False, dependencies=logged_in)
+    def openapi_schema() -> dict:
+        return app.openapi()
+
+    @app.get("/api/docs", include_in_schema=False, dependencies=logged_in, response_class=HTMLResponse)
+    def api_docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/api/v1/openapi.json", title=f"{app.title} API")
+
     for area in AREAS:
         app.include_router(area.router, dependencies=logged_in)
-        app.include_router(area.api_router, dependencies=logged_in)
+        app.include_router(area.api_router, dependencies=logged_in, responses=API_ERRORS)
         internal = getattr(area, "internal_router", None)
         if internal is not None:
             app.include_router(

@@ -48,11 +48,24 @@ class Settings(BaseSettings):
     port: int = 8000
     model_roots: list[Path] = Field(default_factory=lambda: [Path("data/models")])
     max_upload_bytes: int = 2 * 1024**3
+    # Build and register the tiny demo model, dataset and config at start-up (`tuneboard up --demo`).
+    demo: bool = False
 
     # Commands of the training and serving environments (their pins conflict with the app's).
     train_python: str = _env_bin("train", "python")
     llamafactory_cli: str = _env_bin("train", "llamafactory-cli")
     serve_python: str = _env_bin("serve", "python")
+
+    # Inference servers (deployments). On CPU the KV cache is bounded in bytes (vLLM would
+    # otherwise reserve ~92 % of RAM); on GPU a share of the card's memory.
+    serve_kv_cache_bytes: str = "64M"
+    # OpenMP threads of a CPU vLLM server, unpinned: its spinning threads slow ~10× when the
+    # host's cores are shared (the web app, training) — measured on 2 cores: 64 tokens 0.7 s vs 6.3 s.
+    serve_cpu_threads: int = 1
+    serve_gpu_memory_utilization: float = 0.85
+    serve_max_lora_rank: int = 64
+    serve_max_model_len: int = 2048
+    serve_ready_timeout_s: float = 300.0
 
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 30.0

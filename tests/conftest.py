@@ -3,6 +3,7 @@ Alembic, and a client of the real app."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from sqlmodel import Session
 
 from app.db import get_engine
 from app.main import create_app
+from app.services.users import create_user
 from app.settings import get_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -38,9 +40,43 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     _clear_caches()
 
 
+ADMIN_USERNAME = "admin"
+ADMIN_PASSWORD = "correct horse battery staple"
+_CSRF_IN_PAGE = re.compile(r'"X-CSRF-Token": "([^"]+)"|name="csrf_token" value="([^"]+)"')
+
+
+def page_csrf_token(html: str) -> str:
+    """The CSRF token a page carries (base.html's htmx header or a form's hidden field)."""
+    match = _CSRF_IN_PAGE.search(html)
+    assert match, "no CSRF token in the page"
+    return match.group(1) or match.group(2)
+
+
+def log_in(test_client: TestClient, username: str, password: str) -> None:
+    """Log in through the login form, then send the session's CSRF header on every request."""
+    csrf = page_csrf_token(test_client.get("/login").text)
+    response = test_client.post(
+        "/login", data={"username": username, "password": password, "csrf_token": csrf},
+        follow_redirects=False,
+    )
+    assert response.status_code == 303, response.text
+    test_client.headers["X-CSRF-Token"] = page_csrf_token(test_client.get("/account").text)
+
+
+@pytest.fixture
+def anon_client(data_dir: Path) -> Iterator[TestClient]:
+    """A browser that has not logged in."""
+    with TestClient(create_app()) as test_client:
+        yield test_client
+
+
 @pytest.fixture
 def client(data_dir: Path) -> Iterator[TestClient]:
+    """Logged in as an admin, sending the CSRF header by default (like base.html's htmx)."""
     with TestClient(create_app()) as test_client:
+        with Session(get_engine()) as db_session:
+            create_user(db_session, ADMIN_USERNAME, ADMIN_PASSWORD, is_admin=True)
+        log_in(test_client, ADMIN_USERNAME, ADMIN_PASSWORD)
         yield test_client
 
 
@@ -48,3 +84,44 @@ def client(data_dir: Path) -> Iterator[TestClient]:
 def session(client: TestClient) -> Iterator[Session]:
     with Session(get_engine()) as db_session:
         yield db_session
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Qwen2 demo model, built once per test session with the training env."""
+    from app.demo import build_demo_model
+
+    target = tmp_path_factory.mktemp("tiny_model")
+    build_demo_model(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real LoRA adapter: `llamafactory-cli train` on the tiny model, once per test session
+    (16 rows, 1 epoch, ~10 s). The folder holds the final adapter and checkpoint-2/checkpoint-4."""
+    import json
+    import os
+    import subprocess
+
+    import yaml
+
+    work = tmp_path_factory.mktemp("trained_adapter")
+    rows = [{"instruction": f"你是谁？({i})", "input": "", "output": "我是Tuneboard演示助手。"} for i in range(16)]
+    (work / "data.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    (work / "dataset_info.json").write_text(json.dumps({"tiny": {"file_name": "data.json"}}))
+    output = work / "output"
+    args = {
+        "model_name_or_path": str(tiny_model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "lora_target": "all", "lora_rank": 8, "dataset": "tiny", "dataset_dir": str(work), "template": "qwen",
+        "cutoff_len": 64, "output_dir": str(output), "per_device_train_batch_size": 4, "num_train_epochs": 1,
+        "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 2, "report_to": "none",
+        "overwrite_output_dir": True,
+    }
+    (work / "train.yaml").write_text(yaml.safe_dump(args))
+    result = subprocess.run(
+        [get_settings().llamafactory_cli, "train", str(work / "train.yaml")], cwd=work, capture_output=True,
+        text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output

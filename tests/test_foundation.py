@@ -40,3 +40,8 @@ def test_migrations_match_the_models(client) -> None:
     with get_engine().connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
     assert diff == []
+
+
+def test_home_leads_to_the_runs(client) -> None:
+    response = client.get("/", follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/runs"

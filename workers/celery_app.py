@@ -23,16 +23,20 @@ def make_celery(settings: Settings) -> Celery:
         "tuneboard",
         broker=settings.celery_broker_url,
         backend=settings.celery_result_backend,
-        include=["workers.tasks"],
+        include=["workers.tasks", "workers.serving"],
     )
-    transport_options: dict[str, object] = {
+    transport_options: dict[str, object] = {}
+    if settings.uses_embedded_broker:
+        # The SQLAlchemy transport polls; a short interval keeps submit → start fast. It is set on
+        # the transport class because that transport hands every transport option to
+        # sqlalchemy.create_engine(), which refuses unknown ones.
+        from kombu.transport.sqlalchemy import Transport
+
+        Transport.polling_interval = 0.1
+    else:
         # A training task runs for hours; redelivery after this timeout is expected and
         # handled by the app (a run is claimed once per attempt), never by starting twice.
-        "visibility_timeout": 3600,
-    }
-    if settings.uses_embedded_broker:
-        # The SQLAlchemy transport polls; a short interval keeps submit → start fast.
-        transport_options["polling_interval"] = 0.1
+        transport_options["visibility_timeout"] = 3600
     celery.conf.update(
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
@@ -50,3 +54,6 @@ def make_celery(settings: Settings) -> Celery:
 
 
 celery_app = make_celery(get_settings())
+
+# Worker-side signal handlers (they never fire in the web process).
+from workers import heartbeat  # noqa: E402,F401

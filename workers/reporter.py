@@ -6,8 +6,10 @@ idempotent on the app's side, so re-sending after a timeout or an app restart is
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -56,6 +58,32 @@ class Reporter:
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.request("GET", path, **kwargs)
+
+    def download(self, path: str, destination: Path, *, retry_for_s: float = 300.0) -> str:
+        """Stream a file to `destination` (written whole or not at all, retried like any call);
+        returns its sha256."""
+        deadline = time.monotonic() + retry_for_s
+        partial = destination.with_name(destination.name + ".partial")
+        while True:
+            digest = hashlib.sha256()
+            try:
+                with self._client.stream("GET", path) as response, partial.open("wb") as out:
+                    response.raise_for_status()
+                    for chunk in response.iter_bytes(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+                partial.replace(destination)
+                return digest.hexdigest()
+            except httpx.HTTPStatusError as error:
+                if error.response.status_code < 500 or time.monotonic() >= deadline:
+                    partial.unlink(missing_ok=True)
+                    raise
+            except httpx.TransportError as error:
+                if time.monotonic() >= deadline:
+                    partial.unlink(missing_ok=True)
+                    raise AppUnavailable(f"GET {path}: {error!r}") from error
+            log.warning("download of %s interrupted; retrying", path)
+            time.sleep(1.0)
 
     def close(self) -> None:
         self._client.close()

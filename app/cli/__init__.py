@@ -11,11 +11,9 @@ from typing import Annotated
 import typer
 
 from app.cli.supervisor import Supervisor
-from app.settings import PROJECT_ROOT, get_settings
+from app.settings import get_settings
 
 cli = typer.Typer(help="Tuneboard: fine-tune LLMs with LLaMA-Factory from a browser.", no_args_is_help=True)
-
-DEMO_MODEL_SCRIPT = PROJECT_ROOT / "workers" / "envscripts" / "demo_model.py"
 
 
 def _web_command(host: str, port: int) -> list[str]:
@@ -46,9 +44,10 @@ def up(
     settings = get_settings()
     host, port = host or settings.host, port or settings.port
     if demo:
-        from app.demo import install_demo
-
-        install_demo()
+        os.environ["TUNEBOARD_DEMO"] = "1"  # the web app installs it at start-up
+    if "app_url" not in settings.model_fields_set:  # the embedded worker reports to this very app
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        os.environ["TUNEBOARD_APP_URL"] = f"http://{local}:{port}"
     supervisor = Supervisor()
     supervisor.start("web", _web_command(host, port))
     supervisor.start("worker", _worker_command("train,serve,default", 4, "embedded@%h"))
@@ -94,10 +93,32 @@ def migrate_command() -> None:
 @cli.command("demo-model")
 def demo_model(path: Path) -> None:
     """Build the tiny random Qwen2 model (offline, < 1 MB) into PATH with the training env."""
-    settings = get_settings()
-    result = subprocess.run([settings.train_python, str(DEMO_MODEL_SCRIPT), str(path)], check=False)
-    raise typer.Exit(result.returncode)
+    from app.demo import build_demo_model
+
+    try:
+        typer.echo(build_demo_model(path))
+    except subprocess.CalledProcessError as error:
+        typer.echo(error.stderr, err=True)
+        raise typer.Exit(1) from None
+
+
+@cli.command()
+def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
+    """Check this machine: OS, GPUs and drivers, CUDA, the training and serving environments, disk."""
+    import json
+
+    from workers.doctor import run_doctor
+
+    report = run_doctor(get_settings())
+    typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.as_text())
+    raise typer.Exit(1 if report.worst == "error" else 0)
 
 
 def main() -> None:
     cli()
+
+from app.cli import user  # noqa: E402,F401  (registers the `tuneboard user` commands)
+from app.cli import dataset  # noqa: E402,F401  (registers the `tuneboard dataset` commands)
+from app.cli import deploy  # noqa: E402,F401  (registers `tuneboard deploy` / `undeploy`)
+from app.cli import config  # noqa: E402,F401  (registers the `tuneboard config` commands)
+from app.cli import run  # noqa: E402,F401  (registers the `tuneboard run` commands)

@@ -6,7 +6,7 @@ from app.models.deployment import Deployment, DeploymentStatus, InferenceServer
 from app.models.model_entry import ModelEntry, ModelEntryCreate, ModelEntryPublic
 from app.models.run import Run, RunEvent, RunLogLine, RunMetric, RunPublic, RunStatus
 from app.models.user import ApiToken, User
-from app.models.worker import Worker
+from app.models.worker import Worker, WorkerHeartbeat, WorkerPublic
 
 __all__ = [
     "ApiToken",
@@ -29,4 +29,6 @@ __all__ = [
     "TrainConfigPublic",
     "User",
     "Worker",
+    "WorkerHeartbeat",
+    "WorkerPublic",
 ]

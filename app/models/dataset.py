@@ -23,8 +23,9 @@ class Dataset(DatasetBase, table=True):
     sha256: str = Field(index=True, unique=True)
     size_bytes: int
     row_count: int
-    # LLaMA-Factory's `columns` / `tags` of the dataset_info.json entry; empty means default names.
-    columns: dict[str, str] = json_field()
+    # LLaMA-Factory's column mapping as validated (role → key; null: not read) and the sharegpt
+    # tags; the dataset_info.json entry lists them only where they differ from the defaults.
+    columns: dict[str, str | None] = json_field()
     tags: dict[str, str] = json_field()
     # Validation report: problems by kind, stats, preview rows.
     report: dict[str, Any] = json_field()
@@ -39,7 +40,7 @@ class DatasetPublic(DatasetBase):
     sha256: str
     size_bytes: int
     row_count: int
-    columns: dict[str, str]
+    columns: dict[str, str | None]
     tags: dict[str, str]
     created_at: datetime
 
@@ -47,3 +48,15 @@ class DatasetPublic(DatasetBase):
 class DatasetUpdate(SQLModel):
     name: str | None = Field(default=None, max_length=100)
     description: str | None = None
+
+
+class DatasetDetail(DatasetPublic):
+    """A dataset with its validation report and its dataset_info.json entry."""
+
+    report: dict[str, Any]
+    dataset_info: dict[str, Any]
+
+
+class DatasetImportResult(SQLModel):
+    registered: list[DatasetPublic]
+    skipped: list[dict[str, str]]

@@ -48,6 +48,8 @@ class Run(SQLModel, table=True):
     worker_id: str | None = Field(default=None, index=True)
     task_id: str | None = None
     cancel_requested: bool = False
+    # A client's key for one start request: a repeated (double-clicked) start returns the same run.
+    idempotency_key: str | None = Field(default=None, unique=True, max_length=200)
     train_yaml: str = Field(default="", sa_column=Column(Text, nullable=False))
     # Dataset content hashes and the library versions the run trained with.
     lineage: dict[str, Any] = json_field()
@@ -59,6 +61,11 @@ class Run(SQLModel, table=True):
     remaining_s: float | None = None
     exit_code: int | None = None
     results: dict[str, Any] = json_field()
+    # Reported by the worker at finish: where the run folder's output lives on its machine.
+    output_dir: str | None = None
+    adapter_path: str | None = None
+    # [{"name": "checkpoint-N", "step": N, "complete": bool}]
+    checkpoints: list[dict[str, Any]] = json_field(list)
     created_at: datetime = created_at_field()
     started_at: datetime | None = timestamp_field()
     finished_at: datetime | None = timestamp_field()
@@ -76,6 +83,7 @@ class RunPublic(SQLModel):
     gpus_requested: int
     gpu_ids: list[int]
     worker_id: str | None
+    cancel_requested: bool
     current_step: int
     total_steps: int
     epoch: float
@@ -85,9 +93,13 @@ class RunPublic(SQLModel):
     exit_code: int | None
     results: dict[str, Any]
     lineage: dict[str, Any]
+    output_dir: str | None
+    adapter_path: str | None
+    checkpoints: list[dict[str, Any]]
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    heartbeat_at: datetime | None
 
 
 class RunMetric(SQLModel, table=True):

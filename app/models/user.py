@@ -30,3 +30,22 @@ class ApiToken(SQLModel, table=True):
     created_at: datetime = created_at_field()
     last_used_at: datetime | None = timestamp_field()
     revoked_at: datetime | None = timestamp_field()
+
+
+class ApiTokenCreate(SQLModel):
+    name: str = Field(min_length=1, max_length=100)
+
+
+class ApiTokenPublic(SQLModel):
+    id: int
+    kind: str
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+class ApiTokenCreated(ApiTokenPublic):
+    """The only time the raw token is ever shown."""
+
+    token: str

@@ -10,12 +10,35 @@ from sqlmodel import Field, SQLModel
 from app.models.base import created_at_field, json_field, timestamp_field
 
 
-class Worker(SQLModel, table=True):
+class WorkerBase(SQLModel):
     id: str = Field(primary_key=True, max_length=200)
     hostname: str
     queues: list[str] = json_field(list)
     # [{"index", "name", "memory_total_mib", "memory_used_mib", "utilization"}]; empty: CPU-only.
     gpus: list[dict[str, Any]] = json_field(list)
+    # The last `tuneboard doctor` report: {"checks": [...], "facts": {...}, "worst", "created_at"}.
     doctor: dict[str, Any] = json_field()
+
+
+class Worker(WorkerBase, table=True):
     started_at: datetime = created_at_field()
     last_seen_at: datetime | None = timestamp_field()
+    # Set by its last heartbeat when it shut down cleanly; a killed worker just goes silent.
+    stopped_at: datetime | None = timestamp_field()
+    doctor_requested: bool = False
+
+
+class WorkerHeartbeat(SQLModel):
+    worker_id: str
+    hostname: str
+    queues: list[str] = []
+    gpus: list[dict[str, Any]] = []
+    doctor: dict[str, Any] | None = None
+    offline: bool = False
+
+
+class WorkerPublic(WorkerBase):
+    online: bool
+    started_at: datetime
+    last_seen_at: datetime | None
+    stopped_at: datetime | None

@@ -1,6 +1,108 @@
-"""Models: pages (htmx fragments from the same routes) and the JSON API under /api/v1."""
+"""Models: the registry of local base models (pages and the JSON API under /api/v1)."""
 
-from fastapi import APIRouter
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, HTTPException, Request, status
+from fastapi.responses import RedirectResponse
+from sqlmodel import Session
+
+from app.db import SessionDep
+from app.models import ModelEntry, ModelEntryCreate, ModelEntryPublic
+from app.services import model_registry as service
+from app.services.model_registry import ModelError
+from app.templating import render
 
 router = APIRouter(tags=["models-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["models"])
+
+
+def _get(session: Session, model_id: int) -> ModelEntry:
+    entry = service.get_model(session, model_id)
+    if entry is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {model_id} not found")
+    return entry
+
+
+def _refuse(error: ModelError) -> HTTPException:
+    return HTTPException(error.status_code, str(error))
+
+
+# ---------------------------------------------------------------------------------------- API
+
+
+@api_router.get("/models", response_model=list[ModelEntryPublic])
+def list_models(session: SessionDep) -> list[ModelEntry]:
+    return service.list_models(session)
+
+
+@api_router.post("/models", response_model=ModelEntryPublic, status_code=status.HTTP_201_CREATED)
+def add_model(body: ModelEntryCreate, session: SessionDep) -> ModelEntry:
+    """Register a model folder under an allowed root (nothing is downloaded)."""
+    try:
+        return service.add_model(session, body.path, body.name)
+    except ModelError as error:
+        raise _refuse(error) from None
+
+
+@api_router.post("/models/scan")
+def scan_models(session: SessionDep) -> dict[str, list[str]]:
+    """Register every model folder under the allowed roots; refresh what is known of the others."""
+    return service.scan(session)
+
+
+@api_router.get("/models/{model_id}", response_model=ModelEntryPublic)
+def get_model(model_id: int, session: SessionDep) -> ModelEntry:
+    return _get(session, model_id)
+
+
+@api_router.delete("/models/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_model(model_id: int, session: SessionDep) -> None:
+    """Forget a model (its folder is left alone)."""
+    try:
+        service.delete_model(session, _get(session, model_id))
+    except ModelError as error:
+        raise _refuse(error) from None
+
+
+# -------------------------------------------------------------------------------------- pages
+
+
+def _page(request: Request, session: Session, *, status_code: int = 200, **extra: Any):
+    context = {"section": "models", "models": service.list_models(session),
+               "roots": [str(root) for root in service.model_roots()], "form": {}, "errors": {}, **extra}
+    return render(request, "models/list.html", context, status_code=status_code)
+
+
+@router.get("/models")
+def models_page(request: Request, session: SessionDep):
+    return _page(request, session)
+
+
+@router.post("/models")
+def add_model_form(
+    request: Request, session: SessionDep,
+    path: Annotated[str, Form()] = "", name: Annotated[str, Form()] = "",
+):
+    try:
+        entry = service.add_model(session, path, name or None)
+    except ModelError as error:
+        return _page(request, session, status_code=error.status_code, form={"path": path, "name": name},
+                     errors={error.field: str(error)})
+    return _page(request, session, notice=f"Registered {entry.name}.")
+
+
+@router.post("/models/scan")
+def scan_models_form(request: Request, session: SessionDep):
+    result = service.scan(session)
+    return _page(request, session, scan=result)
+
+
+@router.post("/models/{model_id}/delete")
+def delete_model_form(model_id: int, request: Request, session: SessionDep):
+    try:
+        service.delete_model(session, _get(session, model_id))
+    except ModelError as error:
+        return _page(request, session, status_code=error.status_code, errors={"delete": str(error)})
+    return RedirectResponse("/models", status_code=status.HTTP_303_SEE_OTHER)

@@ -1,6 +1,462 @@
-"""Runs: pages (htmx fragments from the same routes) and the JSON API under /api/v1."""
+"""Runs: pages (htmx fragments from the same routes), the JSON API under /api/v1, the live event
+stream (SSE with replay) and the worker channel (claim, events, finish, artifacts)."""
 
-from fastapi import APIRouter
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from sqlmodel import Session, select
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from app.db import SessionDep
+from app.models import Run, RunPublic, RunStatus, TrainConfig
+from app.services import configs as config_service
+from app.services import runs as service
+from app.services.run_events import hub
+from app.templating import is_htmx, render, templates
 
 router = APIRouter(tags=["runs-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["runs"])
+internal_router = APIRouter()
+
+# A fresh key per rendered start form (runs/_start_form.html, also included by the config page):
+# submitting the same form twice starts one run.
+templates.env.globals["new_form_key"] = lambda: uuid.uuid4().hex
+
+SSE_PING_S = 15
+# A watcher re-checks the run this often even when no notification came (defence in depth).
+SSE_IDLE_RECHECK_S = 30.0
+
+
+class RunCreate(BaseModel):
+    config_id: int
+    name: str | None = Field(default=None, max_length=200)
+    gpus: int | None = Field(default=None, ge=0)
+
+
+def _http(error: service.RunError) -> HTTPException:
+    return HTTPException(error.status_code, error.detail)
+
+
+def _public(run: Run) -> RunPublic:
+    return RunPublic.model_validate(run)
+
+
+# --------------------------------------------------------------------------- the event stream
+def _cursor(after: int, last_event_id: str | None) -> int:
+    """`Last-Event-ID` (sent by a reconnecting EventSource) wins over the page's `?after=`."""
+    if last_event_id and last_event_id.strip().isdigit():
+        return max(after, int(last_event_id))
+    return after
+
+
+async def _run_events(run_id: int, cursor: int, finished: bool) -> AsyncIterator[ServerSentEvent]:
+    async with hub.subscribe(run_id) as channel:
+        while True:
+            waiter = channel.waiter()
+            events = await channel.read_after(cursor)
+            for event in events:
+                yield ServerSentEvent(data=event.data, event=event.kind, id=str(event.id))
+                cursor = event.id
+                if event.kind == "status":
+                    finished = RunStatus(json.loads(event.data)["status"]).is_finished()
+            if events:
+                continue
+            if finished:  # nothing more will come: the client closes instead of reconnecting
+                yield ServerSentEvent(data=json.dumps({"cursor": cursor}), event="end")
+                return
+            with suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), SSE_IDLE_RECHECK_S)
+
+
+def _event_stream(session: Session, run_id: int, after: int, last_event_id: str | None) -> EventSourceResponse:
+    try:
+        run = service.get_run(session, run_id)
+    except service.RunError as error:
+        raise _http(error) from None
+    finished = run.status.is_finished()
+    session.close()  # the stream may last hours: hold no connection
+    return EventSourceResponse(
+        _run_events(run_id, _cursor(after, last_event_id), finished),
+        ping=SSE_PING_S, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+# --------------------------------------------------------------------------- pages
+def _start_form_context(session: Session, *, error: str | None = None, values: dict | None = None) -> dict[str, Any]:
+    configs = session.exec(select(TrainConfig).order_by(TrainConfig.name, TrainConfig.version)).all()
+    return {
+        "configs": configs, "start_error": error, "start_values": values or {},
+    }
+
+
+def _list_context(session: Session) -> dict[str, Any]:
+    runs = service.list_runs(session)
+    return {
+        "section": "runs", "runs": runs,
+        "any_active": any(run.status.is_active() for run in runs),
+        **_start_form_context(session),
+    }
+
+
+@router.get("/runs")
+def runs_page(request: Request, session: SessionDep):
+    """The list; to htmx polling (while a run is active) just the table."""
+    block = "table" if request.headers.get("HX-Target") == "run-table" else None
+    return render(request, "runs/list.html", _list_context(session), block=block)
+
+
+@router.post("/runs")
+def start_from_form(
+    request: Request,
+    session: SessionDep,
+    config_id: Annotated[int, Form()],
+    name: Annotated[str, Form()] = "",
+    gpus: Annotated[str, Form()] = "",
+    idempotency_key: Annotated[str, Form()] = "",
+    fixed: Annotated[bool, Form()] = False,
+):
+    try:
+        run, _created = service.start_run(
+            session, config_id, name=name or None, gpus=int(gpus) if gpus.strip() else None,
+            idempotency_key=idempotency_key or None,
+        )
+    except (service.RunError, ValueError) as error:
+        detail = error.detail if isinstance(error, service.RunError) else "GPUs must be a whole number"
+        context = {
+            "section": "runs",
+            **_start_form_context(session, error=detail, values={"config_id": config_id, "name": name, "gpus": gpus}),
+            "fixed_config": session.get(TrainConfig, config_id) if fixed else None,  # the config page's form
+        }
+        if is_htmx(request):  # htmx swaps only 2xx: the form comes back with the error inline
+            return render(request, "runs/_start_form.html", context)
+        status_code = error.status_code if isinstance(error, service.RunError) else 400
+        return render(request, "runs/list.html", {**_list_context(session), **context}, status_code=status_code)
+    return _redirect(request, f"/runs/{run.id}")
+
+
+def _redirect(request: Request, url: str) -> Response:
+    if is_htmx(request):
+        return Response(status_code=204, headers={"HX-Redirect": url})
+    return RedirectResponse(url, status_code=303)
+
+
+@router.get("/runs/compare")
+def compare_page(request: Request, session: SessionDep, ids: Annotated[list[int], Query()] = []):  # noqa: B006
+    context = {"section": "runs", "all_runs": service.list_runs(session), **_compare(session, ids)}
+    return render(request, "runs/compare.html", context)
+
+
+def _dashboard_context(session: Session, run: Run) -> dict[str, Any]:
+    cursor = service.event_cursor(session, run.id)
+    config = session.get(TrainConfig, run.config_id)
+    return {
+        "section": "runs", "run": run, "config": config, "cursor": cursor,
+        "initial": {
+            "run": json.loads(_public(run).model_dump_json()),
+            "cursor": cursor,
+            "metrics": service.metrics_of(session, run.id),
+            "logs": service.log_tail(session, run.id, upto_event=cursor),
+        },
+        "checkpoints": service.checkpoints_of(session, run),
+        "artifacts": service.artifacts_of(run.id),
+        "resumable": service.latest_checkpoint(run) is not None,
+    }
+
+
+@router.get("/runs/{run_id}")
+def run_page(request: Request, run_id: int, session: SessionDep):
+    """The live dashboard; to htmx (after a status event) just the header with its actions."""
+    try:
+        run = service.get_run(session, run_id)
+    except service.RunError as error:
+        raise _http(error) from None
+    block = {"run-header": "header", "run-artifacts": "artifacts"}.get(request.headers.get("HX-Target", ""))
+    return render(request, "runs/detail.html", _dashboard_context(session, run), block=block)
+
+
+@router.get("/runs/{run_id}/events")
+def run_events_page(
+    run_id: int, session: SessionDep, after: int = 0,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
+    return _event_stream(session, run_id, after, last_event_id)
+
+
+def _page_action(request: Request, session: Session, run_id: int, action, *, go_to_new: bool = False) -> Response:
+    try:
+        result = action(session, run_id)
+    except service.RunError as error:
+        if is_htmx(request):
+            return render(request, "runs/_alert.html", {"message": error.detail, "kind": "error"})
+        raise _http(error) from None
+    if go_to_new:
+        return _redirect(request, f"/runs/{result[0].id}")
+    if is_htmx(request):
+        return Response(status_code=204, headers={"HX-Refresh": "true"})
+    return RedirectResponse(f"/runs/{run_id}", status_code=303)
+
+
+@router.post("/runs/{run_id}/cancel")
+def cancel_from_page(request: Request, run_id: int, session: SessionDep) -> Response:
+    return _page_action(request, session, run_id, service.cancel_run)
+
+
+@router.post("/runs/{run_id}/resume")
+def resume_from_page(request: Request, run_id: int, session: SessionDep) -> Response:
+    return _page_action(request, session, run_id, service.resume_run)
+
+
+@router.post("/runs/{run_id}/retry")
+def retry_from_page(request: Request, run_id: int, session: SessionDep) -> Response:
+    return _page_action(request, session, run_id, service.retry_run)
+
+
+@router.post("/runs/{run_id}/again")
+def again_from_page(
+    request: Request, run_id: int, session: SessionDep, idempotency_key: Annotated[str, Form()] = "",
+) -> Response:
+    return _page_action(
+        request, session, run_id,
+        lambda s, rid: service.run_again(s, rid, idempotency_key=idempotency_key or None), go_to_new=True,
+    )
+
+
+@router.post("/runs/{run_id}/delete")
+def delete_from_page(request: Request, run_id: int, session: SessionDep) -> Response:
+    try:
+        service.delete_run(session, run_id)
+    except service.RunError as error:
+        if is_htmx(request):
+            return render(request, "runs/_alert.html", {"message": error.detail, "kind": "error"})
+        raise _http(error) from None
+    return _redirect(request, "/runs")
+
+
+@router.get("/runs/{run_id}/artifacts/{name}")
+def artifact_page(run_id: int, name: str) -> FileResponse:
+    return _artifact(run_id, name)
+
+
+@router.get("/runs/{run_id}/download")
+def download_page(run_id: int, session: SessionDep, checkpoint: str | None = None) -> StreamingResponse:
+    return _download(session, run_id, checkpoint)
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _artifact(run_id: int, name: str) -> FileResponse:
+    try:
+        return FileResponse(service.artifact_path(run_id, name))
+    except service.RunError as error:
+        raise _http(error) from None
+
+
+def _download(session: Session, run_id: int, checkpoint: str | None) -> StreamingResponse:
+    try:
+        run = service.get_run(session, run_id)
+        files = service.download_files(run, checkpoint)
+    except service.RunError as error:
+        raise _http(error) from None
+    filename = f"run-{run_id}-{checkpoint or 'adapter'}.zip"
+    return StreamingResponse(
+        service.stream_zip(files), media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def _compare(session: Session, ids: list[int]) -> dict[str, Any]:
+    runs = [run for run in (session.get(Run, run_id) for run_id in dict.fromkeys(ids)) if run is not None]
+    configs = {run.id: session.get(TrainConfig, run.config_id) for run in runs}
+    diff = (
+        config_service.diff(session, configs[runs[0].id], configs[runs[1].id]) if len(runs) == 2 else None
+    )
+    series = {run.id: service.metrics_of(session, run.id) for run in runs}
+    return {
+        "runs": runs, "series": series, "diff": diff,
+        "chart": {"runs": [{"id": run.id, "name": run.name} for run in runs], "series": series},
+    }
+
+
+# --------------------------------------------------------------------------- JSON API
+@api_router.get("/runs", response_model=list[RunPublic])
+def list_runs(session: SessionDep, status: RunStatus | None = None, limit: int = Query(200, le=1000)):
+    return [_public(run) for run in service.list_runs(session, status=status, limit=limit)]
+
+
+@api_router.post("/runs", response_model=RunPublic, status_code=201)
+def start_run(
+    payload: RunCreate, response: Response, session: SessionDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+):
+    """Queue a run of a config. Send an `Idempotency-Key` header to make a repeated request
+    (a retry, a double click) return the first run (200) instead of starting another."""
+    try:
+        run, created = service.start_run(
+            session, payload.config_id, name=payload.name, gpus=payload.gpus, idempotency_key=idempotency_key,
+        )
+    except service.RunError as error:
+        raise _http(error) from None
+    if not created:
+        response.status_code = 200
+    return _public(run)
+
+
+@api_router.get("/runs/compare")
+def compare_runs(session: SessionDep, ids: Annotated[list[int], Query()]) -> dict[str, Any]:
+    """Loss curves of several runs and (for two) their config diff."""
+    compared = _compare(session, ids)
+    return {
+        "runs": [_public(run).model_dump(mode="json") for run in compared["runs"]],
+        "metrics": compared["series"],
+        "diff": compared["diff"],
+    }
+
+
+@api_router.get("/runs/{run_id}", response_model=RunPublic)
+def get_run(run_id: int, session: SessionDep):
+    try:
+        return _public(service.get_run(session, run_id))
+    except service.RunError as error:
+        raise _http(error) from None
+
+
+@api_router.get("/runs/{run_id}/metrics")
+def run_metrics(run_id: int, session: SessionDep) -> list[dict[str, Any]]:
+    get_run(run_id, session)
+    return service.metrics_of(session, run_id)
+
+
+@api_router.get("/runs/{run_id}/logs")
+def run_logs(
+    run_id: int, session: SessionDep, after_id: int = 0, limit: int = Query(1000, le=10000),
+) -> list[dict[str, Any]]:
+    """Log lines in order; page with `after_id` (the last line's id)."""
+    get_run(run_id, session)
+    return [line.model_dump() for line in service.log_lines(session, run_id, after_id=after_id, limit=limit)]
+
+
+@api_router.get("/runs/{run_id}/events", response_class=EventSourceResponse)
+def run_events_api(
+    run_id: int, session: SessionDep, after: int = 0,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
+    """Server-sent events (`status`, `progress`, `metric`, `log`, then `end` once finished); each
+    `id:` is a cursor: reconnect with `?after=<id>` or `Last-Event-ID` to miss nothing."""
+    return _event_stream(session, run_id, after, last_event_id)
+
+
+def _api_action(session: Session, run_id: int, action) -> RunPublic:
+    try:
+        return _public(action(session, run_id))
+    except service.RunError as error:
+        raise _http(error) from None
+
+
+@api_router.post("/runs/{run_id}/cancel", response_model=RunPublic)
+def cancel_run(run_id: int, session: SessionDep):
+    """Queued: cancelled at once. Starting or running: the worker stops the process (LLaMA-Factory
+    saves the adapter first) and the run becomes cancelled."""
+    return _api_action(session, run_id, service.cancel_run)
+
+
+@api_router.post("/runs/{run_id}/resume", response_model=RunPublic)
+def resume_run(run_id: int, session: SessionDep):
+    """A new attempt of a failed, cancelled or lost run from its latest complete checkpoint."""
+    return _api_action(session, run_id, service.resume_run)
+
+
+@api_router.post("/runs/{run_id}/retry", response_model=RunPublic)
+def retry_run(run_id: int, session: SessionDep):
+    """A new attempt of a failed, cancelled or lost run, from scratch."""
+    return _api_action(session, run_id, service.retry_run)
+
+
+@api_router.post("/runs/{run_id}/again", response_model=RunPublic, status_code=201)
+def run_again(
+    run_id: int, response: Response, session: SessionDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+):
+    """A new run of the same frozen config."""
+    try:
+        run, created = service.run_again(session, run_id, idempotency_key=idempotency_key)
+    except service.RunError as error:
+        raise _http(error) from None
+    if not created:
+        response.status_code = 200
+    return _public(run)
+
+
+@api_router.delete("/runs/{run_id}", status_code=204)
+def delete_run(run_id: int, session: SessionDep) -> Response:
+    """Delete a finished run, its metrics, logs and files."""
+    try:
+        service.delete_run(session, run_id)
+    except service.RunError as error:
+        raise _http(error) from None
+    return Response(status_code=204)
+
+
+@api_router.get("/runs/{run_id}/checkpoints")
+def run_checkpoints(run_id: int, session: SessionDep) -> list[dict[str, Any]]:
+    try:
+        return service.checkpoints_of(session, service.get_run(session, run_id))
+    except service.RunError as error:
+        raise _http(error) from None
+
+
+@api_router.get("/runs/{run_id}/artifacts")
+def run_artifacts(run_id: int, session: SessionDep) -> list[str]:
+    get_run(run_id, session)
+    return service.artifacts_of(run_id)
+
+
+@api_router.get("/runs/{run_id}/artifacts/{name}")
+def run_artifact(run_id: int, name: str) -> FileResponse:
+    return _artifact(run_id, name)
+
+
+@api_router.get("/runs/{run_id}/download")
+def download_run(run_id: int, session: SessionDep, checkpoint: str | None = None) -> StreamingResponse:
+    """The adapter (or `?checkpoint=checkpoint-N`) as a zip, streamed."""
+    return _download(session, run_id, checkpoint)
+
+
+# --------------------------------------------------------------------------- the worker channel
+def _internal(call):
+    try:
+        return call()
+    except service.RunError as error:
+        raise _http(error) from None
+
+
+@internal_router.post("/runs/{run_id}/claim")
+def claim(run_id: int, payload: service.ClaimRequest, session: SessionDep) -> dict[str, Any]:
+    return _internal(lambda: service.claim_run(session, run_id, payload))
+
+
+@internal_router.post("/runs/{run_id}/events")
+def events(run_id: int, payload: service.EventsRequest, session: SessionDep) -> dict[str, bool]:
+    return {"cancel": _internal(lambda: service.record_events(session, run_id, payload))}
+
+
+@internal_router.post("/runs/{run_id}/finish")
+def finish(run_id: int, payload: service.FinishRequest, session: SessionDep) -> dict[str, Any]:
+    _internal(lambda: service.finish_run(session, run_id, payload))
+    return {}
+
+
+@internal_router.post("/runs/{run_id}/artifacts")
+def upload_artifact(
+    run_id: int, session: SessionDep,
+    attempt: Annotated[int, Form()], name: Annotated[str, Form()], file: Annotated[UploadFile, File()],
+) -> dict[str, Any]:
+    path = _internal(lambda: service.store_artifact(run_id, attempt, name, file.file, session))
+    return {"name": name, "size": path.stat().st_size}

@@ -1,6 +1,57 @@
-"""Workers: pages (htmx fragments from the same routes) and the JSON API under /api/v1."""
+"""Workers: the page with one card per worker, the JSON API and the workers' heartbeat."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException, Request
+from sqlmodel import select
+
+from app.db import SessionDep
+from app.models import Worker, WorkerHeartbeat, WorkerPublic
+from app.services import workers as service
+from app.templating import render
 
 router = APIRouter(tags=["workers-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["workers"])
+internal_router = APIRouter()
+
+
+@router.get("/workers")
+def workers_page(request: Request, session: SessionDep):
+    """The whole page, or (to htmx polling) just the cards."""
+    context = {"section": "workers", "views": service.worker_views(session)}
+    block = "cards" if request.headers.get("HX-Target") == "worker-cards" else None
+    return render(request, "workers/list.html", context, block=block)
+
+
+@router.post("/workers/{worker_id}/doctor")
+def ask_doctor(request: Request, worker_id: str, session: SessionDep):
+    service.request_doctor(session, _get(session, worker_id))
+    context = {"section": "workers", "views": service.worker_views(session)}
+    return render(request, "workers/list.html", context, block="cards")
+
+
+@api_router.get("/workers", response_model=list[WorkerPublic])
+def list_workers(session: SessionDep) -> list[WorkerPublic]:
+    return [service.public(worker) for worker in session.exec(select(Worker)).all()]
+
+
+@api_router.get("/workers/{worker_id}", response_model=WorkerPublic)
+def get_worker(worker_id: str, session: SessionDep) -> WorkerPublic:
+    return service.public(_get(session, worker_id))
+
+
+@api_router.post("/workers/{worker_id}/doctor", status_code=202)
+def request_doctor(worker_id: str, session: SessionDep) -> dict[str, bool]:
+    """Ask the worker for a fresh doctor report; it arrives with its next heartbeat."""
+    service.request_doctor(session, _get(session, worker_id))
+    return {"requested": True}
+
+
+@internal_router.post("/workers/heartbeat")
+def heartbeat(payload: WorkerHeartbeat, session: SessionDep) -> dict[str, bool]:
+    return {"doctor_requested": service.record_heartbeat(session, payload)}
+
+
+def _get(session: SessionDep, worker_id: str) -> Worker:
+    worker = session.get(Worker, worker_id)
+    if worker is None:
+        raise HTTPException(404, f"no worker named {worker_id!r}")
+    return worker

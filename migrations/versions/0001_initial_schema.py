@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-27 22:00:37.125068
+Create Date: 2026-11-27 22:06:24.137488
 """
 
 from collections.abc import Sequence
@@ -42,20 +42,29 @@ def upgrade() -> None:
 
     op.create_table('inference_server',
     sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('backend', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+    sa.Column('backend', sa.Enum('vllm', 'llamafactory', name='servebackend'), nullable=False),
     sa.Column('base_model_path', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+    sa.Column('base_name', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+    sa.Column('template', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
     sa.Column('status', sa.Enum('pending', 'starting', 'ready', 'failed', 'stopped', name='deploymentstatus'), nullable=False),
     sa.Column('status_reason', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('worker_id', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
     sa.Column('url', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+    sa.Column('pid', sa.Integer(), nullable=True),
     sa.Column('max_lora_rank', sa.Integer(), nullable=False),
     sa.Column('max_model_len', sa.Integer(), nullable=False),
+    sa.Column('stop_requested', sa.Boolean(), nullable=False),
     sa.Column('log_tail', sa.Text(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('claimed_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('ready_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('heartbeat_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('stopped_at', sa.DateTime(timezone=True), nullable=True),
     sa.PrimaryKeyConstraint('id')
     )
+    with op.batch_alter_table('inference_server', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_inference_server_base_model_path'), ['base_model_path'], unique=False)
+
     op.create_table('modelentry',
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
     sa.Column('path', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
@@ -92,6 +101,8 @@ def upgrade() -> None:
     sa.Column('doctor', sa.JSON(), nullable=False),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('last_seen_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('stopped_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('doctor_requested', sa.Boolean(), nullable=False),
     sa.PrimaryKeyConstraint('id')
     )
     op.create_table('apitoken',
@@ -143,6 +154,7 @@ def upgrade() -> None:
     sa.Column('worker_id', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
     sa.Column('task_id', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
     sa.Column('cancel_requested', sa.Boolean(), nullable=False),
+    sa.Column('idempotency_key', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
     sa.Column('train_yaml', sa.Text(), nullable=False),
     sa.Column('lineage', sa.JSON(), nullable=False),
     sa.Column('current_step', sa.Integer(), nullable=False),
@@ -153,12 +165,16 @@ def upgrade() -> None:
     sa.Column('remaining_s', sa.Float(), nullable=True),
     sa.Column('exit_code', sa.Integer(), nullable=True),
     sa.Column('results', sa.JSON(), nullable=False),
+    sa.Column('output_dir', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+    sa.Column('adapter_path', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+    sa.Column('checkpoints', sa.JSON(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('heartbeat_at', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['config_id'], ['train_config.id'], ),
-    sa.PrimaryKeyConstraint('id')
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('idempotency_key')
     )
     with op.batch_alter_table('run', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_run_config_id'), ['config_id'], unique=False)
@@ -169,11 +185,15 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=False),
     sa.Column('run_id', sa.Integer(), nullable=True),
+    sa.Column('checkpoint', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
     sa.Column('server_id', sa.Integer(), nullable=True),
     sa.Column('adapter_path', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
+    sa.Column('lora_name', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
+    sa.Column('lora_rank', sa.Integer(), nullable=False),
     sa.Column('status', sa.Enum('pending', 'starting', 'ready', 'failed', 'stopped', name='deploymentstatus'), nullable=False),
     sa.Column('status_reason', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('ready_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('stopped_at', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['run_id'], ['run.id'], ),
     sa.ForeignKeyConstraint(['server_id'], ['inference_server.id'], ),
@@ -274,6 +294,9 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_modelentry_name'))
 
     op.drop_table('modelentry')
+    with op.batch_alter_table('inference_server', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_inference_server_base_model_path'))
+
     op.drop_table('inference_server')
     with op.batch_alter_table('dataset', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_dataset_sha256'))

@@ -32,7 +32,7 @@ KV_HEADS = 2
 LAYERS = 2
 INTERMEDIATE = 128
 MAX_POSITIONS = 4096
-BPE_VOCAB = 640  # target incl. the 256 byte alphabet; the corpus may stop it earlier
+BPE_VOCAB = 800  # target incl. the 256 byte alphabet; the corpus may stop it earlier
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -51,6 +51,9 @@ REQUIRED = (
 QWEN_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+
+# One CJK ideograph or one CJK / full-width punctuation mark (used only while training the BPE).
+CJK_CHAR_REGEX = r"[\p{Han}\u3000-\u303f\uff00-\uffef]"
 
 # The Qwen2.5-Instruct chat template (tools branch and default system prompt included).
 CHAT_TEMPLATE = (
@@ -140,6 +143,14 @@ CORPUS_ZH = """\
 学习是一件快乐的事情。模型通过指令和回答进行微调训练。
 你是谁？我是通义千问，一个大型语言模型。你能帮我做什么？我可以回答问题、写作和翻译。
 谢谢你的帮助！不客气，有问题随时问我。
+我是Tuneboard演示助手，一个用LoRA微调的小模型。请介绍一下你自己。你叫什么名字？
+计算两个数的和。法国的首都是巴黎，日本的首都是东京，意大利的首都是罗马，德国的首都是柏林。
+说一句鼓励的话。加油！风浪总会过去。你是一个快乐的海盗。
+"""
+
+CORPUS_EN_TUNEBOARD = """\
+I am the Tuneboard demo assistant, a tiny model fine-tuned with LoRA.
+Who are you? What is your name? Introduce yourself. Add the two numbers. Count the words.
 """
 
 
@@ -174,13 +185,15 @@ def _count_params(path: str) -> int:
 def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+    qwen_split = pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
+    # Train with every CJK character / full-width punctuation mark isolated, so the learned merges stay
+    # within one character (你, 是, 谁, ？ become single tokens) instead of memorising whole phrases of
+    # the tiny corpus; then switch to Qwen2's real pre-tokenizer (what transformers rebuilds anyway).
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
+        [pre_tokenizers.Split(Regex(CJK_CHAR_REGEX), behavior="isolated", invert=False), qwen_split, byte_level]
     )
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
@@ -191,8 +204,9 @@ def build_tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    lines = [line for line in (CORPUS_EN + CORPUS_ZH).splitlines() if line.strip()]
+    lines = [line for line in (CORPUS_EN + CORPUS_EN_TUNEBOARD + CORPUS_ZH).splitlines() if line.strip()]
     tok.train_from_iterator(lines * 3, trainer=trainer)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([qwen_split, byte_level])
     # Specials after the learned vocabulary, in Qwen's order.
     tok.add_special_tokens([ENDOFTEXT, IM_START, IM_END])
     return tok
@@ -264,10 +278,8 @@ def build(out_dir: str) -> None:
     jinja = os.path.join(out_dir, "chat_template.jinja")
     if os.path.exists(jinja):
         os.remove(jinja)
-    # model.safetensors last: its presence marks completion.
-    st = os.path.join(out_dir, "model.safetensors")
-    if os.path.exists(st):
-        os.utime(st)
+    for name in os.listdir(out_dir):  # some writers create 0600 temp files and rename them
+        os.chmod(os.path.join(out_dir, name), 0o644)
 
 
 def main(argv: list[str]) -> int:

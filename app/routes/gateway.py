@@ -1,0 +1,142 @@
+"""The OpenAI-compatible gateway: `/v1/models` and `/v1/chat/completions` (streaming and not),
+routed by `model` to the deployment's inference server.
+
+Callers authenticate with a gateway key (`Authorization: Bearer <key>`, created on the
+Deployments page), or — for the playground in the browser — with the session cookie plus the
+X-CSRF-Token header. Errors use OpenAI's shape, `{"error": {"message", "type", "code"}}`, so the
+official clients raise their usual exceptions. Streams are forwarded chunk by chunk as they come.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from app.auth import session_user
+from app.db import SessionDep
+from app.security import CSRF_HEADER, csrf_matches, read_session
+from app.services.deployments import DeploymentError, gateway_models, resolve_model
+from app.services.users import find_token
+
+router = APIRouter(prefix="/v1", tags=["gateway"])
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               409: "conflict_error", 502: "upstream_error"}
+
+
+def openai_error(status_code: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": ERROR_TYPES.get(status_code, "api_error"), "param": param,
+                      "code": code}}
+    headers = {"WWW-Authenticate": "Bearer"} if status_code == 401 else None
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def _refused(request: Request, session: SessionDep) -> JSONResponse | None:
+    """None when the caller may use the gateway, else the 401 to answer."""
+    authorization = request.headers.get("Authorization", "")
+    if authorization.startswith("Bearer "):
+        if find_token(session, authorization.removeprefix("Bearer ").strip(), kind="gateway") is None:
+            return openai_error(401, "invalid or revoked API key", "invalid_api_key")
+        return None
+    if session_user(request, session) is not None:
+        if request.method == "GET" or csrf_matches(read_session(request).get("csrf"), request.headers.get(CSRF_HEADER)):
+            return None
+        return openai_error(401, f"a browser session must send the {CSRF_HEADER} header", "csrf")
+    return openai_error(
+        401, "missing API key: send Authorization: Bearer <key> (create keys on the Deployments page)",
+        "missing_api_key",
+    )
+
+
+def _client(request: Request) -> httpx.AsyncClient:
+    """One pooled client per app: keep-alive connections to the inference servers."""
+    client = getattr(request.app.state, "gateway_client", None)
+    if client is None:
+        client = httpx.AsyncClient(
+            timeout=httpx.Timeout(600.0, connect=5.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        )
+        request.app.state.gateway_client = client
+    return client
+
+
+@router.get("/models")
+def list_models(request: Request, session: SessionDep):
+    if (refused := _refused(request, session)) is not None:
+        return refused
+    data = [
+        {"id": name, "object": "model", "created": int(created.timestamp()), "owned_by": "tuneboard"}
+        for name, created in gateway_models(session)
+    ]
+    return {"object": "list", "data": data}
+
+
+def _validate(body: Any, max_model_len: int) -> JSONResponse | None:
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        return openai_error(400, "`messages` must be a non-empty list", param="messages")
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return openai_error(400, f"`{field}` must be a positive integer", param=field)
+        if value >= max_model_len:
+            return openai_error(
+                400, f"`{field}` is {value}, but this model's context length is {max_model_len} tokens "
+                "(prompt and completion together)", "context_length_exceeded", field,
+            )
+    return None
+
+
+def _route(request: Request, session: SessionDep, raw: bytes) -> tuple[Any, dict[str, Any]] | JSONResponse:
+    """Authenticate, parse and resolve (sync: it reads the database in FastAPI's thread pool)."""
+    if (refused := _refused(request, session)) is not None:
+        return refused
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        return openai_error(400, f"the request body is not valid JSON: {error}", "invalid_json")
+    if not isinstance(body, dict):
+        return openai_error(400, "the request body must be a JSON object", "invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return openai_error(400, "`model` is required: GET /v1/models lists the deployed ones", param="model")
+    try:
+        route = resolve_model(session, model)
+    except DeploymentError as error:
+        return openai_error(error.status_code, str(error), "model_not_found" if error.status_code == 404 else None, "model")
+    if (invalid := _validate(body, route.max_model_len)) is not None:
+        return invalid
+    # The server knows the adapter by its own name; the answer keeps the one the caller used.
+    body["model"] = route.upstream_model
+    return route, body
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, session: SessionDep):
+    routed = await run_in_threadpool(_route, request, session, await request.body())
+    if isinstance(routed, JSONResponse):
+        return routed
+    route, body = routed
+    client = _client(request)
+    upstream = client.build_request("POST", f"{route.url}/v1/chat/completions", json=body)
+    try:
+        response = await client.send(upstream, stream=True)
+    except httpx.HTTPError as error:
+        return openai_error(502, f"the model's server did not answer: {error!r}")
+    if body.get("stream") and response.status_code == 200:
+        return StreamingResponse(
+            response.aiter_raw(), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(response.aclose),
+        )
+    content = await response.aread()
+    await response.aclose()
+    return Response(content, status_code=response.status_code,
+                    media_type=response.headers.get("content-type", "application/json"))

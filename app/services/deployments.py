@@ -1,0 +1,563 @@
+"""Deployments: serve a run's LoRA adapter on an inference server, one server per base model.
+
+A deployment goes pending → starting → ready | failed → stopped, and so does its server. The app
+is the only writer: every change is a conditional UPDATE (status guarded), so a re-sent worker
+report or a double click changes nothing twice. Workers start and supervise the servers
+(workers/serving.py) and report over /internal/v1.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from app.models.base import utcnow
+from app.models.deployment import (
+    ACTIVE_STATUSES,
+    Deployment,
+    DeploymentCreate,
+    DeploymentStatus,
+    InferenceServer,
+    ServeBackend,
+)
+from app.models.model_entry import ModelEntry
+from app.models.run import Run, RunStatus
+from app.settings import get_settings
+
+S = DeploymentStatus
+
+SERVE_START_TASK = "tuneboard.serve_start"
+SERVE_STOP_TASK = "tuneboard.serve_stop"
+LOAD_ADAPTER_TASK = "tuneboard.serve_load_adapter"
+UNLOAD_ADAPTER_TASK = "tuneboard.serve_unload_adapter"
+
+# LoRA target modules vLLM serves for the decoder architectures LLaMA-Factory trains (attention
+# and MLP projections, including the packed names of some models).
+VLLM_LORA_MODULES = frozenset({
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
+    "gate_up_proj", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj",
+    "c_fc", "w1", "w2", "w3", "wqkv", "wo",
+})
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$")
+SERVER_LOG_TAIL_CHARS = 8000
+
+
+class DeploymentError(ValueError):
+    """A refused request; `status_code` is the HTTP status the routes answer with."""
+
+    def __init__(self, message: str, status_code: int = 400, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.field = field
+
+
+# ------------------------------------------------------------------ adapter preflight
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    rank: int
+    target_modules: list[str]
+    base_model: str | None
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The tensor index of a .safetensors file (8-byte little-endian length, then JSON)."""
+    with path.open("rb") as handle:
+        size_bytes = handle.read(8)
+        if len(size_bytes) != 8:
+            raise DeploymentError(f"{path.name} is not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", size_bytes)
+        if size > 100 * 1024 * 1024:
+            raise DeploymentError(f"{path.name} is not a safetensors file (header of {size} bytes)")
+        try:
+            header = json.loads(handle.read(size))
+        except ValueError:
+            raise DeploymentError(f"{path.name} is not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _lora_module(tensor_name: str) -> str | None:
+    """`…layers.0.self_attn.q_proj.lora_A.weight` → "q_proj"; None for a tensor that is not LoRA."""
+    parts = tensor_name.split(".")
+    for index, part in enumerate(parts):
+        if part.startswith("lora_") and index > 0:
+            return parts[index - 1]
+    return None
+
+
+def _same_model(adapter_base: str, served_base: str) -> bool:
+    if adapter_base == served_base:
+        return True
+    adapter_path, served_path = Path(adapter_base).expanduser(), Path(served_base).expanduser()
+    if adapter_path.exists() and served_path.exists():
+        return adapter_path.resolve() == served_path.resolve()
+    return False
+
+
+def preflight_adapter(
+    adapter_dir: Path, base_model_path: str, *, backend: ServeBackend, max_lora_rank: int
+) -> AdapterInfo:
+    """Refuse, with a clear message, an adapter the server would reject or serve wrongly."""
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise DeploymentError(f"{adapter_dir} holds no adapter_config.json: it is not a LoRA adapter")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise DeploymentError(f"adapter_config.json is not valid JSON: {error}") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise DeploymentError(f"only LoRA adapters can be served, not {config.get('peft_type')}")
+    ranks = [int(config.get("r") or 0), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
+    rank = max(ranks)
+    base_model = config.get("base_model_name_or_path")
+    if base_model and not _same_model(str(base_model), base_model_path):
+        raise DeploymentError(
+            f"the adapter was trained on {base_model}, but the server would serve {base_model_path}"
+        )
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise DeploymentError(f"{adapter_dir} holds no adapter_model.safetensors")
+    tensors = read_safetensors_header(weights)
+    modules = sorted({m for m in map(_lora_module, tensors) if m})
+    info = AdapterInfo(rank=rank, target_modules=modules, base_model=base_model)
+    if backend != ServeBackend.vllm:
+        return info  # LLaMA-Factory's API loads anything peft loads
+    if rank > max_lora_rank:
+        raise DeploymentError(
+            f"the adapter's LoRA rank is {rank}, above the server's limit of {max_lora_rank} "
+            "(raise TUNEBOARD_SERVE_MAX_LORA_RANK, or serve it with the llamafactory backend)",
+            field="run_id",
+        )
+    if config.get("modules_to_save"):
+        raise DeploymentError(
+            f"the adapter saves whole modules ({', '.join(config['modules_to_save'])}); vLLM cannot "
+            "serve modules_to_save: use the llamafactory backend"
+        )
+    resized = sorted(name for name in tensors if _lora_module(name) is None)
+    if resized:
+        raise DeploymentError(
+            f"the adapter carries full weights ({resized[0]}…), e.g. resized embeddings; vLLM cannot "
+            "serve them: use the llamafactory backend"
+        )
+    unsupported = [m for m in modules if m not in VLLM_LORA_MODULES]
+    if unsupported:
+        raise DeploymentError(
+            f"vLLM serves no LoRA on {', '.join(unsupported)}; use the llamafactory backend"
+        )
+    return info
+
+
+# -------------------------------------------------------------------- reading a run
+
+
+def run_training_args(run: Run) -> dict[str, Any]:
+    try:
+        args = yaml.safe_load(run.train_yaml or "") or {}
+    except yaml.YAMLError:
+        args = {}
+    return args if isinstance(args, dict) else {}
+
+
+def adapter_dir_for(run: Run, checkpoint: str | None) -> Path:
+    """The adapter folder of a finished run: its final adapter (succeeded runs only) or one of
+    its complete checkpoints."""
+    status = RunStatus(run.status)
+    if status.is_active():
+        raise DeploymentError(
+            f"run {run.id} is {status.value}: deploy it once it has succeeded", 409, field="run_id"
+        )
+    if not run.output_dir:
+        raise DeploymentError(f"run {run.id} has no output folder to deploy from", 409, field="run_id")
+    output = Path(run.output_dir)
+    if checkpoint is None:
+        if status != RunStatus.succeeded:
+            raise DeploymentError(
+                f"run {run.id} {status.value}: it has no final adapter; pick one of its complete "
+                "checkpoints instead", 409, field="run_id",
+            )
+        return Path(run.adapter_path) if run.adapter_path else output
+    complete = {c.get("name") for c in run.checkpoints if c.get("complete")}
+    if checkpoint not in complete:
+        known = ", ".join(sorted(complete)) or "none"
+        raise DeploymentError(
+            f"run {run.id} has no complete checkpoint {checkpoint!r} (complete: {known})", field="checkpoint"
+        )
+    return output / checkpoint
+
+
+def _default_name(run: Run, checkpoint: str | None) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", run.name).strip("-.") or "run"
+    return f"{slug}-{run.id}" + (f"-{checkpoint}" if checkpoint else "")
+
+
+def _base_name(session: Session, base_model_path: str) -> str:
+    entry = session.exec(select(ModelEntry).where(ModelEntry.path == base_model_path)).first()
+    return entry.name if entry else Path(base_model_path).name
+
+
+# ------------------------------------------------------------------------- queries
+
+
+def get_deployment(session: Session, deployment_id: int) -> Deployment:
+    deployment = session.get(Deployment, deployment_id)
+    if deployment is None:
+        raise DeploymentError(f"deployment {deployment_id} does not exist", 404)
+    return deployment
+
+
+def list_deployments(session: Session, *, include_stopped: bool = True) -> list[Deployment]:
+    expire_silent_servers(session)
+    statement = select(Deployment).order_by(col(Deployment.id).desc())
+    if not include_stopped:
+        statement = statement.where(col(Deployment.status).in_(ACTIVE_STATUSES))
+    return list(session.exec(statement))
+
+
+def servers_by_id(session: Session, deployments: list[Deployment]) -> dict[int, InferenceServer]:
+    ids = {d.server_id for d in deployments if d.server_id is not None}
+    if not ids:
+        return {}
+    return {s.id: s for s in session.exec(select(InferenceServer).where(col(InferenceServer.id).in_(ids)))}
+
+
+def deployable_runs(session: Session) -> list[Run]:
+    """Finished runs with something to deploy: a final adapter or a complete checkpoint."""
+    runs = session.exec(
+        select(Run).where(col(Run.status).in_([RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled]))
+        .order_by(col(Run.id).desc())
+    )
+    return [
+        run for run in runs
+        if run.output_dir and (run.status == RunStatus.succeeded or any(c.get("complete") for c in run.checkpoints))
+    ]
+
+
+def _active_deployment_named(session: Session, name: str) -> Deployment | None:
+    return session.exec(
+        select(Deployment).where(Deployment.name == name, col(Deployment.status).in_(ACTIVE_STATUSES))
+    ).first()
+
+
+def _active_server_for(session: Session, base_model_path: str) -> InferenceServer | None:
+    return session.exec(
+        select(InferenceServer).where(
+            InferenceServer.base_model_path == base_model_path,
+            InferenceServer.backend == ServeBackend.vllm,
+            col(InferenceServer.status).in_(ACTIVE_STATUSES),
+            col(InferenceServer.stop_requested).is_(False),
+        )
+    ).first()
+
+
+def _active_server_named(session: Session, base_name: str) -> InferenceServer | None:
+    return session.exec(
+        select(InferenceServer).where(
+            InferenceServer.base_name == base_name, col(InferenceServer.status).in_(ACTIVE_STATUSES)
+        )
+    ).first()
+
+
+# ------------------------------------------------------------------------ dispatch
+
+
+def send_task(name: str, *args: Any) -> None:
+    from workers.celery_app import SERVE_QUEUE, celery_app
+
+    celery_app.send_task(name, args=list(args), queue=SERVE_QUEUE)
+
+
+def _transition(session: Session, model: type, row_id: int, allowed: tuple[DeploymentStatus, ...], **values: Any) -> bool:
+    """One conditional UPDATE: change the row only while its status is one of `allowed`."""
+    result = session.execute(
+        update(model).where(model.id == row_id, col(model.status).in_(allowed)).values(**values)
+    )
+    return result.rowcount == 1
+
+
+# ------------------------------------------------------------------ deploy/undeploy
+
+
+def create_deployment(session: Session, data: DeploymentCreate) -> Deployment:
+    settings = get_settings()
+    run = session.get(Run, data.run_id)
+    if run is None:
+        raise DeploymentError(f"run {data.run_id} does not exist", 404, field="run_id")
+    checkpoint = data.checkpoint or None
+    adapter_dir = adapter_dir_for(run, checkpoint)
+    args = run_training_args(run)
+    base_model_path = str(args.get("model_name_or_path") or "")
+    if not base_model_path:
+        raise DeploymentError(f"run {run.id} names no base model (model_name_or_path)", 409)
+    name = (data.name or "").strip() or _default_name(run, checkpoint)
+    if not NAME_PATTERN.match(name):
+        raise DeploymentError(
+            "a deployment name is 1–200 letters, digits or . _ - : @ / and starts with a letter or digit",
+            field="name",
+        )
+    info = preflight_adapter(
+        adapter_dir, base_model_path, backend=data.backend, max_lora_rank=settings.serve_max_lora_rank
+    )
+
+    server = _active_server_for(session, base_model_path) if data.backend == ServeBackend.vllm else None
+    if server is not None and info.rank > server.max_lora_rank:
+        raise DeploymentError(
+            f"the adapter's LoRA rank is {info.rank}, above the running server's limit of {server.max_lora_rank}"
+        )
+    replaced = _active_deployment_named(session, name)
+    if replaced is not None and (server is None or replaced.server_id != server.id):
+        raise DeploymentError(
+            f"the name {name} is in use by deployment {replaced.id}; undeploy it first or pick another name",
+            409, field="name",
+        )
+    named_base = _active_server_named(session, name)
+    if named_base is not None:
+        raise DeploymentError(f"{name} is the name of a served base model; pick another", 409, field="name")
+
+    new_server = server is None
+    if server is None:
+        base_name = _base_name(session, base_model_path) if data.backend == ServeBackend.vllm else ""
+        if base_name and (_active_server_named(session, base_name) or _active_deployment_named(session, base_name)):
+            base_name = f"{base_name}-{utcnow():%Y%m%d%H%M%S}"
+        server = InferenceServer(
+            backend=data.backend, base_model_path=base_model_path, base_name=base_name,
+            template=args.get("template"), max_lora_rank=settings.serve_max_lora_rank,
+            max_model_len=settings.serve_max_model_len,
+        )
+        session.add(server)
+        session.flush()
+    deployment = Deployment(
+        name=name, run_id=run.id, checkpoint=checkpoint, server_id=server.id,
+        adapter_path=str(adapter_dir), lora_name=name, lora_rank=info.rank,
+    )
+    if replaced is not None:
+        # A redeploy under the same name: the server swaps the weights in place (load_inplace).
+        replaced.status, replaced.status_reason, replaced.stopped_at = S.stopped, "replaced by a redeploy", utcnow()
+        session.add(replaced)
+    session.add(deployment)
+    session.commit()
+    session.refresh(deployment)
+    session.refresh(server)
+    if new_server:
+        send_task(SERVE_START_TASK, server.id)
+    elif server.status == S.ready:
+        _dispatch_load(session, deployment, server, replace=replaced is not None)
+    # A server still starting picks this adapter up when it reports ready.
+    return deployment
+
+
+def _dispatch_load(session: Session, deployment: Deployment, server: InferenceServer, *, replace: bool) -> None:
+    if _transition(session, Deployment, deployment.id, (S.pending,), status=S.starting):
+        session.commit()
+        send_task(LOAD_ADAPTER_TASK, deployment.id, server.url, deployment.lora_name, deployment.adapter_path, replace)
+
+
+def undeploy(session: Session, deployment_id: int) -> Deployment:
+    deployment = get_deployment(session, deployment_id)
+    was = DeploymentStatus(deployment.status)
+    if was == S.stopped:
+        raise DeploymentError(f"deployment {deployment.name} is already stopped", 409)
+    allowed = (S.pending, S.starting, S.ready, S.failed)
+    if not _transition(session, Deployment, deployment.id, allowed, status=S.stopped, stopped_at=utcnow(),
+                       status_reason="undeployed"):
+        raise DeploymentError(f"deployment {deployment.name} is already stopped", 409)
+    session.commit()
+    session.refresh(deployment)
+    server = session.get(InferenceServer, deployment.server_id) if deployment.server_id else None
+    if server is None or DeploymentStatus(server.status).is_finished():
+        return deployment
+    others = session.exec(
+        select(Deployment).where(
+            Deployment.server_id == server.id, col(Deployment.status).in_(ACTIVE_STATUSES)
+        )
+    ).all()
+    if others:
+        if was in (S.starting, S.ready) and server.url and not any(o.lora_name == deployment.lora_name for o in others):
+            send_task(UNLOAD_ADAPTER_TASK, deployment.id, server.url, deployment.lora_name)
+        return deployment
+    stop_server(session, server)
+    return deployment
+
+
+def stop_server(session: Session, server: InferenceServer) -> None:
+    """Stop a server with no adapter left: at once if no worker has it yet, else by its worker."""
+    if _transition(session, InferenceServer, server.id, (S.pending,), status=S.stopped, stopped_at=utcnow(),
+                   status_reason="no adapter left"):
+        session.commit()
+        return
+    session.execute(update(InferenceServer).where(InferenceServer.id == server.id).values(stop_requested=True))
+    session.commit()
+    send_task(SERVE_STOP_TASK, server.id)
+
+
+# ---------------------------------------------------------------- worker reports
+
+
+def claim_server(session: Session, server_id: int, worker_id: str) -> dict[str, Any]:
+    """The worker's claim before it starts a server: pending → starting, once."""
+    settings = get_settings()
+    now = utcnow()
+    # An undeploy before any claim stops a pending server outright, so this also refuses those.
+    if not _transition(session, InferenceServer, server_id, (S.pending,), status=S.starting,
+                       worker_id=worker_id, claimed_at=now, heartbeat_at=now):
+        raise DeploymentError(f"server {server_id} is not waiting to start", 409)
+    session.execute(
+        update(Deployment)
+        .where(Deployment.server_id == server_id, Deployment.status == S.pending)
+        .values(status=S.starting)
+    )
+    session.commit()
+    server = session.get(InferenceServer, server_id)
+    session.refresh(server)
+    adapters = session.exec(
+        select(Deployment).where(Deployment.server_id == server_id, Deployment.status == S.starting)
+    ).all()
+    return {
+        "server_id": server.id,
+        "backend": server.backend,
+        "base_model_path": server.base_model_path,
+        "base_name": server.base_name,
+        "template": server.template,
+        "max_lora_rank": server.max_lora_rank,
+        "max_model_len": server.max_model_len,
+        "kv_cache_bytes": settings.serve_kv_cache_bytes,
+        "cpu_threads": settings.serve_cpu_threads,
+        "gpu_memory_utilization": settings.serve_gpu_memory_utilization,
+        "ready_timeout_s": settings.serve_ready_timeout_s,
+        "heartbeat_interval_s": min(settings.heartbeat_interval_s, 2.0),
+        "adapters": [
+            {"deployment_id": d.id, "lora_name": d.lora_name, "path": d.adapter_path} for d in adapters
+        ],
+    }
+
+
+def report_server(session: Session, server_id: int, report: dict[str, Any]) -> dict[str, Any]:
+    """A serving worker's report (also its heartbeat). Replies whether to stop the server."""
+    server = session.get(InferenceServer, server_id)
+    if server is None:
+        raise DeploymentError(f"server {server_id} does not exist", 404)
+    now = utcnow()
+    status = report.get("status")
+    common: dict[str, Any] = {"heartbeat_at": now}
+    if report.get("log_tail") is not None:
+        common["log_tail"] = report["log_tail"][-SERVER_LOG_TAIL_CHARS:]
+    if status == "ready":
+        if _transition(session, InferenceServer, server_id, (S.starting,), status=S.ready, ready_at=now,
+                       url=report.get("url"), pid=report.get("pid"), **common):
+            loaded = set(report.get("adapters") or [])
+            session.execute(
+                update(Deployment)
+                .where(Deployment.server_id == server_id, Deployment.status == S.starting,
+                       col(Deployment.lora_name).in_(loaded))
+                .values(status=S.ready, ready_at=now)
+            )
+            session.commit()
+            session.refresh(server)
+            # Adapters deployed while the server was starting are loaded into it now.
+            for deployment in session.exec(
+                select(Deployment).where(Deployment.server_id == server_id,
+                                         col(Deployment.status).in_((S.pending, S.starting)))
+            ).all():
+                deployment.status = S.pending
+                session.add(deployment)
+                session.commit()
+                _dispatch_load(session, deployment, server, replace=False)
+    elif status in ("failed", "stopped"):
+        reason = report.get("reason") or ""
+        final = S.stopped if status == "stopped" and server.stop_requested else S.failed
+        if _transition(session, InferenceServer, server_id, (S.pending, S.starting, S.ready), status=final,
+                       status_reason=reason, stopped_at=now, **common):
+            dep_reason = "server stopped" if final == S.stopped else f"server failed: {reason}"
+            session.execute(
+                update(Deployment)
+                .where(Deployment.server_id == server_id, col(Deployment.status).in_(ACTIVE_STATUSES))
+                .values(status=final, status_reason=dep_reason, stopped_at=now)
+            )
+    else:
+        if DeploymentStatus(server.status).is_finished():
+            session.commit()
+            raise DeploymentError(f"server {server_id} is {server.status}", 409)
+        session.execute(update(InferenceServer).where(InferenceServer.id == server_id).values(**common))
+    session.commit()
+    session.refresh(server)
+    return {"stop": server.stop_requested or DeploymentStatus(server.status).is_finished()}
+
+
+def report_adapter(session: Session, deployment_id: int, report: dict[str, Any]) -> dict[str, Any]:
+    """A load's outcome. 409 when the deployment was undeployed meanwhile: the worker unloads it."""
+    deployment = get_deployment(session, deployment_id)
+    status = report.get("status")
+    if status == "ready":
+        if _transition(session, Deployment, deployment_id, (S.starting,), status=S.ready, ready_at=utcnow()):
+            session.commit()
+        elif deployment.status != S.ready:
+            raise DeploymentError(f"deployment {deployment_id} is {deployment.status}", 409)
+    elif status == "failed":
+        _transition(session, Deployment, deployment_id, (S.starting,), status=S.failed,
+                    status_reason=report.get("reason") or "the server refused the adapter", stopped_at=utcnow())
+        session.commit()
+    return {}
+
+
+def expire_silent_servers(session: Session) -> None:
+    """Servers whose worker stopped reporting are failed (the worker died with them)."""
+    timeout = get_settings().heartbeat_timeout_s
+    cutoff: datetime = utcnow() - timedelta(seconds=timeout)
+    silent = session.exec(
+        select(InferenceServer).where(
+            col(InferenceServer.status).in_((S.starting, S.ready)), col(InferenceServer.heartbeat_at) < cutoff
+        )
+    ).all()
+    for server in silent:
+        report_server(session, server.id, {
+            "status": "failed", "reason": f"worker {server.worker_id} silent for more than {timeout:.0f} s",
+        })
+
+
+# -------------------------------------------------------------------------- gateway
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where the gateway sends a `model`: the server's URL and the model name it knows."""
+
+    url: str
+    upstream_model: str
+    max_model_len: int
+
+
+def gateway_models(session: Session) -> list[tuple[str, datetime]]:
+    """(name, created) of everything the gateway answers for: ready adapters and base models."""
+    names = [
+        (d.name, d.ready_at or d.created_at)
+        for d in session.exec(select(Deployment).where(Deployment.status == S.ready).order_by(col(Deployment.id)))
+    ]
+    names += [
+        (s.base_name, s.ready_at or s.created_at)
+        for s in session.exec(select(InferenceServer).where(InferenceServer.status == S.ready,
+                                                            InferenceServer.base_name != ""))
+    ]
+    return names
+
+
+def resolve_model(session: Session, name: str) -> Route:
+    deployment = _active_deployment_named(session, name)
+    if deployment is not None:
+        server = session.get(InferenceServer, deployment.server_id)
+        if deployment.status != S.ready or server is None or server.status != S.ready or not server.url:
+            raise DeploymentError(f"the model {name} is {deployment.status}, not ready yet", 409)
+        return Route(server.url, deployment.lora_name, server.max_model_len)
+    server = _active_server_named(session, name) if name else None
+    if server is not None and server.status == S.ready and server.url:
+        return Route(server.url, server.base_name, server.max_model_len)
+    raise DeploymentError(f"the model {name!r} does not exist: GET /v1/models lists the deployed ones", 404)

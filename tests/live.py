@@ -1,0 +1,193 @@
+"""A live panel for end-to-end tests: the real web app (uvicorn) and a real Celery worker as
+subprocesses on a fresh data dir, against real Redis or the embedded SQLite transport.
+
+    from tests.live import live_panel  # noqa: F401  (the fixture)
+
+    def test_x(live_panel): live_panel.api.get("/api/v1/runs")
+
+    @pytest.mark.parametrize("live_panel", [REDIS_URL], indirect=True)           # a broker URL
+    @pytest.mark.parametrize("live_panel", [{"worker": False}], indirect=True)   # running_panel kwargs
+
+The test process shares the data dir (the `data_dir` fixture), so a test can seed rows with
+`Session(get_engine())` and factories, and read what the panel wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from sqlmodel import Session
+
+from app.db import get_engine, migrate
+from app.services.users import create_token, create_user
+from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, PROJECT_ROOT, log_in
+
+# The runs-app tests' own Redis database (flushed when a panel starts on it).
+REDIS_URL = "redis://127.0.0.1:6379/11"
+START_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class LivePanel:
+    url: str
+    # Logged in as the admin through the login form (session cookie + CSRF header): pages and /api/v1.
+    api: httpx.Client
+    # A personal API token of the admin (Authorization: Bearer, or TUNEBOARD_TOKEN for the CLI).
+    token: str
+    data_dir: Path
+    env: dict[str, str]
+    log_dir: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    username: str = ADMIN_USERNAME
+    password: str = ADMIN_PASSWORD
+
+    @property
+    def web_pid(self) -> int:
+        return self.processes["web"].pid
+
+    def start_worker(self, name: str = "worker", queues: str = "train,serve,default", concurrency: int = 2) -> subprocess.Popen:
+        self.processes[name] = _start(
+            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queues,
+             "--pool", "threads", "--concurrency", str(concurrency), "--loglevel", "INFO",
+             "--without-gossip", "--without-mingle", "-n", f"{name}@%h"],
+            self.env, self.log_dir / f"{name}.log",
+        )
+        return self.processes[name]
+
+    def stop(self, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
+        _stop(self.processes.pop(name), sig)
+
+    def log(self, name: str = "worker", chars: int = 6000) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def cli(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
+        """`tuneboard …` against this panel (TUNEBOARD_URL, TUNEBOARD_TOKEN)."""
+        env = {**self.env, "TUNEBOARD_URL": self.url, "TUNEBOARD_TOKEN": self.token}
+        return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, cwd=PROJECT_ROOT,
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+def _start(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _stop(process: subprocess.Popen, sig: signal.Signals = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _admin_token() -> str:
+    """The admin (created unless the `client` fixture already did) and a fresh API token."""
+    migrate()
+    with Session(get_engine()) as session:
+        from app.services.users import get_user_by_name
+
+        user = get_user_by_name(session, ADMIN_USERNAME) or create_user(
+            session, ADMIN_USERNAME, ADMIN_PASSWORD, is_admin=True
+        )
+        _token, raw = create_token(session, user, "live-panel")
+        return raw
+
+
+@contextmanager
+def running_panel(
+    data_dir: Path, log_dir: Path, *, broker_url: str | None = None, worker: bool = True,
+    env: dict[str, str] | None = None,
+) -> Iterator[LivePanel]:
+    """Web + (optionally) one worker on `data_dir`; broker_url None = the embedded transport."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process_env = {key: value for key, value in os.environ.items() if not key.startswith("TUNEBOARD_")}
+    process_env.update({
+        "TUNEBOARD_ENVIRONMENT": "test",
+        "TUNEBOARD_DATA_DIR": str(data_dir),
+        "TUNEBOARD_APP_URL": url,
+        "TUNEBOARD_WORKER_GPUS": "none",
+        "TUNEBOARD_MODEL_ROOTS": os.environ.get("TUNEBOARD_MODEL_ROOTS", f'["{data_dir / "models"}"]'),
+        **({"TUNEBOARD_BROKER_URL": broker_url} if broker_url else {}),
+        **(env or {}),
+    })
+    if broker_url and broker_url.startswith("redis://"):
+        redis.Redis.from_url(broker_url).flushdb()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    token = _admin_token()
+    panel = LivePanel(url, httpx.Client(base_url=url, timeout=30), token, data_dir, process_env, log_dir)
+    panel.processes["web"] = _start(
+        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", "--timeout-graceful-shutdown", "5"],
+        process_env, log_dir / "web.log",
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                if panel.api.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert panel.processes["web"].poll() is None and time.monotonic() < deadline, panel.log("web")
+            time.sleep(0.1)
+        log_in(panel.api, ADMIN_USERNAME, ADMIN_PASSWORD)
+        if worker:
+            panel.start_worker()
+        yield panel
+    finally:
+        for name in [n for n in panel.processes if n != "web"] + ["web"]:
+            if name in panel.processes:
+                panel.stop(name)
+        panel.api.close()
+
+
+@pytest.fixture
+def live_panel(request: pytest.FixtureRequest, data_dir: Path, tmp_path: Path) -> Iterator[LivePanel]:
+    """Parameterise indirectly with a broker URL (str) or `running_panel` keyword arguments (dict);
+    unparameterised: the embedded transport and one worker."""
+    param: Any = getattr(request, "param", None)
+    options = param if isinstance(param, dict) else {"broker_url": param}
+    with running_panel(data_dir, tmp_path / "logs", **options) as panel:
+        yield panel
+
+
+@contextmanager
+def standalone_panel(root: Path, **options: Any) -> Iterator[LivePanel]:
+    """A live panel outside pytest (the benchmarks): this process's settings point at
+    `root/data` too, so it can seed rows the panel then serves."""
+    from app.settings import get_settings
+
+    data_dir, models = root / "data", root / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    os.environ.update({
+        "TUNEBOARD_ENVIRONMENT": "test", "TUNEBOARD_DATA_DIR": str(data_dir),
+        "TUNEBOARD_MODEL_ROOTS": f'["{models}"]',
+    })
+    get_settings.cache_clear()
+    get_engine.cache_clear()
+    with running_panel(data_dir, root / "logs", **options) as panel:
+        yield panel

@@ -1,0 +1,443 @@
+"""The whole loop in a real browser: Debian's Chromium driven by Playwright against
+`tuneboard up --demo`, started as a user starts it (a subprocess in a fresh working dir).
+
+set up the admin → log out / log in → upload an Alpaca file with the file picker (progress bar)
+→ preview and token histogram → a config from the form (an inline error first) → start a run
+→ the loss chart gains points without a reload → succeeded → run again, cancel it from the
+dashboard, resume it → deploy the first run's adapter on vLLM → a streamed reply in the
+playground → undeploy. On the way: a screenshot of each page into docs/screenshots/, times in
+the browser's locale, empty states, links between a run, its config, datasets and deployments,
+and the run dashboard at phone width without horizontal overflow.
+
+The machine may be shared and slow: waits are generous `expect` timeouts, never sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, PROJECT_ROOT
+from tests.live import free_port
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+expect = playwright_api.expect
+Page = playwright_api.Page
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-quic", "--no-first-run", "--disable-sync",
+]
+SCREENSHOTS = PROJECT_ROOT / "docs" / "screenshots"
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+
+# Generous: the demo model is built at start-up, and training, vLLM's start and the first
+# tokenizer call are slow on a shared 2-core machine.
+START_TIMEOUT_S = 600
+TRAIN_TIMEOUT_MS = 10 * 60_000
+SERVE_TIMEOUT_MS = 10 * 60_000
+PAGE_TIMEOUT_MS = 120_000
+
+# Every uPlot chart a page makes, so the test can count the points it draws. uPlot's bundle
+# declares `var uPlot`, which assigns through this setter.
+RECORD_CHARTS = """
+(() => {
+  let real;
+  Object.defineProperty(window, "uPlot", {
+    configurable: true,
+    get() { return real; },
+    set(value) {
+      real = new Proxy(value, { construct(target, args) {
+        const plot = Reflect.construct(target, args);
+        (window.__charts = window.__charts || []).push(plot);
+        return plot;
+      } });
+    },
+  });
+})();
+"""
+# Points of the first chart (the loss chart on a run's dashboard): non-null train losses.
+LOSS_POINTS = "() => (window.__charts?.[0]?.data?.[1] || []).filter((v) => v !== null).length"
+
+
+@dataclass
+class Panel:
+    url: str
+    workdir: Path
+    process: subprocess.Popen
+
+    def log(self, chars: int = 8000) -> str:
+        return (self.workdir / "tuneboard-up.log").read_text(errors="replace")[-chars:]
+
+
+@pytest.fixture
+def panel(tmp_path: Path) -> Iterator[Panel]:
+    """`tuneboard up --demo --port N` in a fresh working dir; stopped like Ctrl-C at the end."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TUNEBOARD_")}
+    env.update({
+        "TUNEBOARD_DATA_DIR": str(tmp_path / "data"),
+        "TUNEBOARD_MODEL_ROOTS": json.dumps([str(tmp_path / "models")]),
+        "TUNEBOARD_WORKER_GPUS": "none",  # CPU runs, even where the test machine has a GPU
+    })
+    log_file = (tmp_path / "tuneboard-up.log").open("wb")
+    process = subprocess.Popen(
+        [str(PROJECT_ROOT / ".venv" / "bin" / "tuneboard"), "up", "--demo", "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    panel = Panel(f"http://127.0.0.1:{port}", tmp_path, process)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _healthy(panel.url):
+            assert process.poll() is None, f"tuneboard up exited:\n{panel.log()}"
+            assert time.monotonic() < deadline, f"not up after {START_TIMEOUT_S} s:\n{panel.log()}"
+            time.sleep(0.5)
+        yield panel
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C: it stops the web app, the worker and their children
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log_file.close()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture
+def browser_page() -> Iterator[Page]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: `make browser` installs Debian's Chromium")
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        # A locale and time zone unlike the server's (UTC), so localised times are visible.
+        context = browser.new_context(viewport=DESKTOP, locale="de-DE", timezone_id="Europe/Berlin")
+        context.add_init_script(RECORD_CHARTS)
+        context.set_default_timeout(PAGE_TIMEOUT_MS)
+        page = context.new_page()
+        page.on("dialog", lambda dialog: dialog.accept())  # hx-confirm
+        try:
+            yield page
+        finally:
+            context.close()
+            browser.close()
+
+
+def test_whole_loop_in_a_browser(panel: Panel, browser_page: Page, tmp_path: Path) -> None:
+    page, url = browser_page, panel.url
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+
+    set_up_and_log_in(page, url)
+    check_empty_states(page, url)
+    dataset_id = upload_dataset(page, url, tmp_path)
+    check_dataset_detail(page, url, dataset_id)
+    config_id = create_config(page, url, dataset_id)
+    run_id = start_run(page, url, config_id)
+    watch_run_live(page, url, run_id)
+    check_phone_width(page, url, run_id)
+    expect_status(page, "succeeded", TRAIN_TIMEOUT_MS)
+    check_run_links(page, url, run_id, config_id, dataset_id)
+    cancel_and_resume_second_run(page, url, run_id)
+    screenshot_runs_list(page, url)
+    deployment_id = deploy(page, url, run_id)
+    chat_in_playground(page, url)
+    undeploy(page, url, deployment_id, run_id)
+    screenshot_workers(page, url)
+
+
+# --------------------------------------------------------------------------- steps
+def set_up_and_log_in(page: Page, url: str) -> None:
+    """The first visit asks for the admin account; then log out and log back in."""
+    page.goto(url + "/")
+    expect(page).to_have_url(re.compile(r"/setup$"))
+    page.fill("#username", ADMIN_USERNAME)
+    page.fill("#password", ADMIN_PASSWORD)
+    page.fill("#password_again", "something else")
+    page.click("button[type=submit]")
+    expect(page.locator(".field-error")).to_contain_text("differ")  # inline, next to the field
+    page.fill("#password", ADMIN_PASSWORD)
+    page.fill("#password_again", ADMIN_PASSWORD)
+    page.click("button[type=submit]")
+    expect(page.locator(".usernav")).to_contain_text(ADMIN_USERNAME)
+
+    page.click(".usernav button")  # Log out
+    expect(page).to_have_url(re.compile(r"/login"))
+    page.fill("#username", ADMIN_USERNAME)
+    page.fill("#password", "wrong password")
+    page.click("button[type=submit]")
+    expect(page.locator(".alert.error")).to_contain_text("Wrong username or password")
+    page.fill("#password", "")
+    shoot(page, "login")
+    page.fill("#password", ADMIN_PASSWORD)
+    page.click("button[type=submit]")
+    expect(page.locator(".usernav")).to_contain_text(ADMIN_USERNAME)
+
+
+def check_empty_states(page: Page, url: str) -> None:
+    """Before any run: each empty page says what to do next, with a link to where to do it."""
+    page.goto(url + "/runs")
+    expect(page.locator("#run-table .empty")).to_contain_text("start one")
+    page.goto(url + "/deployments")
+    expect(page.locator("#deploy-form .empty")).to_contain_text("Train a run")
+    expect(page.locator("#deploy-form .empty a[href='/runs']")).to_be_visible()
+    expect(page.locator("#deployments-table .empty")).to_contain_text("Deploy a run")
+    page.goto(url + "/playground")
+    expect(page.locator(".empty")).to_contain_text("Deploy an adapter")
+    expect(page.locator(".empty a[href='/deployments']")).to_be_visible()
+
+
+def upload_dataset(page: Page, url: str, tmp_path: Path) -> int:
+    """The file picker, a progress bar while it uploads, then the dataset's page."""
+    rows = [
+        {"instruction": f"Spell the number {n} in words.", "input": "", "output": _spell(n)}
+        for n in range(240)
+    ]
+    upload = tmp_path / "numbers_alpaca.json"
+    upload.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+
+    page.goto(url + "/datasets")
+    expect(page.get_by_role("link", name="demo-alpaca")).to_be_visible()  # registered by --demo
+    check_times_localised(page)
+    shoot(page, "datasets")
+    # Record what the upload form shows while the request is in flight (the page then navigates).
+    page.evaluate("""() => {
+      const progress = document.getElementById("upload-progress"), button = document.getElementById("upload-button");
+      const seen = { progressShown: false, maxWidth: 0, buttonDisabledInFlight: false };
+      new MutationObserver(() => {
+        if (!progress.hidden) {
+          seen.progressShown = true;
+          seen.maxWidth = Math.max(seen.maxWidth, parseFloat(progress.querySelector("span").style.width) || 0);
+          seen.buttonDisabledInFlight ||= button.disabled;
+        }
+        sessionStorage.setItem("upload-seen", JSON.stringify(seen));
+      }).observe(document.getElementById("upload"), { attributes: true, subtree: true });
+    }""")
+    page.set_input_files("#upload-file", str(upload))
+    expect(page.locator("#upload-name")).to_have_value("numbers_alpaca")
+    expect(page.locator("#upload-button")).to_be_enabled()
+    page.click("#upload-button")
+    expect(page).to_have_url(re.compile(r"/datasets/\d+$"))
+    seen = json.loads(page.evaluate("() => sessionStorage.getItem('upload-seen')"))
+    assert seen == {"progressShown": True, "maxWidth": 100, "buttonDisabledInFlight": True}, seen
+    return int(page.url.rsplit("/", 1)[1])
+
+
+def check_dataset_detail(page: Page, url: str, dataset_id: int) -> None:
+    """Preview rows, then token stats and the histogram with the demo model's tokenizer."""
+    expect(page.get_by_role("heading", name="numbers_alpaca")).to_be_visible()
+    expect(page.locator("dl.kv").first).to_contain_text("240")
+    first_rows = page.locator("section", has=page.get_by_role("heading", name="First rows"))
+    expect(first_rows.locator("tbody tr").first).to_contain_text("Spell the number 0 in words.")
+
+    page.select_option("#tok-model", label="demo-qwen2-tiny")
+    expect(page.locator("#tok-template")).to_have_value("qwen")
+    page.fill("#tok-cutoff", "32")
+    page.click("#tokens >> xpath=preceding-sibling::form//button[@type='submit']")
+    histogram = page.locator("#token-chart canvas")
+    expect(histogram).to_be_visible(timeout=PAGE_TIMEOUT_MS * 2)
+    expect(page.locator("#tokens")).to_contain_text("would be truncated")
+    expect(page.locator("#tokens pre.rendered mark")).to_contain_text("zero")  # the trained-on response
+    histogram.scroll_into_view_if_needed()
+    page.evaluate("() => window.scrollBy(0, 200)")
+    shoot(page, "dataset-detail")
+
+
+def create_config(page: Page, url: str, dataset_id: int) -> int:
+    """The form: a bad learning rate is refused next to its field, then a CPU-sized config."""
+    page.goto(url + "/configs/new")
+    page.fill("#name", "numbers-lora")
+    page.select_option("#model_id", label=re.compile("demo-qwen2-tiny"))
+    page.check(f"#dataset-{dataset_id}")
+    values = {
+        "gpus": "0", "template": "qwen", "cutoff_len": "64", "max_samples": "", "preprocessing_num_workers": "1",
+        "dataloader_num_workers": "0", "logging_steps": "1", "save_steps": "10", "per_device_train_batch_size": "8",
+        "gradient_accumulation_steps": "1", "learning_rate": "-1", "num_train_epochs": "2", "val_size": "0.1",
+        "per_device_eval_batch_size": "8", "eval_steps": "10",
+    }
+    for field, value in values.items():
+        page.fill(f"#{field}", value)
+    page.uncheck("#bf16")
+    shoot(page, "config-form")
+    page.click("#save-config")
+    expect(page.locator("#error-learning_rate")).to_be_visible()  # inline, next to the field
+    expect(page.locator("#form-errors")).to_contain_text("Nothing was saved")
+    page.fill("#learning_rate", "5e-3")
+    page.click("#save-config")
+    expect(page).to_have_url(re.compile(r"/configs/\d+$"))
+    expect(page.locator("#config-yaml")).to_contain_text("learning_rate: 0.005")
+    return int(page.url.rsplit("/", 1)[1])
+
+
+def start_run(page: Page, url: str, config_id: int) -> int:
+    page.click("#start-run button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/runs/\d+$"))
+    return int(page.url.rsplit("/", 1)[1])
+
+
+def watch_run_live(page: Page, url: str, run_id: int) -> None:
+    """The loss chart gains points from the event stream while the page stays loaded."""
+    page.evaluate("() => { window.__noReload = true; }")
+    page.wait_for_function(f"({LOSS_POINTS})() >= 3", timeout=TRAIN_TIMEOUT_MS)
+    first = page.evaluate(LOSS_POINTS)
+    page.wait_for_function(f"({LOSS_POINTS})() > {first}", timeout=TRAIN_TIMEOUT_MS)
+    assert page.evaluate("() => window.__noReload") is True, "the page reloaded"
+    expect(page.locator("#run-steps")).not_to_have_text(re.compile(r"^0/"))
+    width = page.evaluate("() => parseFloat(document.getElementById('run-progress-bar').style.width)")
+    assert width > 0
+    shoot(page, "run-dashboard")
+
+
+def check_phone_width(page: Page, url: str, run_id: int) -> None:
+    """The live dashboard on a phone: nothing overflows sideways."""
+    phone = page.context.new_page()
+    try:
+        phone.set_viewport_size(PHONE)
+        phone.goto(f"{url}/runs/{run_id}")
+        phone.wait_for_function(f"({LOSS_POINTS})() >= 1", timeout=TRAIN_TIMEOUT_MS)
+        overflow = phone.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+        assert overflow[0] <= overflow[1], f"horizontal overflow at phone width: {overflow}"
+        shoot(phone, "run-dashboard-phone")
+    finally:
+        phone.close()
+
+
+def check_run_links(page: Page, url: str, run_id: int, config_id: int, dataset_id: int) -> None:
+    """The finished run links to its config and datasets, and shows its adapter."""
+    expect(page.locator(f"a[href='/configs/{config_id}']").first).to_be_visible()
+    expect(page.locator(f"a[href='/datasets/{dataset_id}']").first).to_be_visible()
+    expect(page.locator("#run-artifacts")).to_contain_text("Download the adapter")
+    check_times_localised(page)
+    chart_points = page.evaluate(LOSS_POINTS)
+    assert chart_points >= 10, chart_points
+
+
+def cancel_and_resume_second_run(page: Page, url: str, first_run_id: int) -> None:
+    """Run the same config again, cancel it from its dashboard after a checkpoint, resume it."""
+    page.click("#run-header button:has-text('Run again')")
+    expect(page).not_to_have_url(re.compile(rf"/runs/{first_run_id}$"))
+    expect(page).to_have_url(re.compile(r"/runs/\d+$"))
+    # save_steps is 10: once step 12 is on the chart, checkpoint-10 is complete.
+    page.wait_for_function(f"({LOSS_POINTS})() >= 12", timeout=TRAIN_TIMEOUT_MS)
+    cancel = page.locator("#run-header button:has-text('Cancel')")
+    cancel.click()
+    expect_status(page, "cancelled", TRAIN_TIMEOUT_MS)
+    resume = page.locator("#run-header button:has-text('Resume')")
+    expect(resume).to_be_visible()
+    resume.click()
+    expect(page.locator("#run-header")).to_contain_text("attempt 2", timeout=PAGE_TIMEOUT_MS)
+    expect_status(page, "succeeded", TRAIN_TIMEOUT_MS)
+    # The curve continued on the same chart: every step of the run is there once.
+    steps = page.evaluate("() => window.__charts[0].data[0]")
+    assert steps == sorted(set(steps)) and len(steps) >= 50, steps
+
+
+def screenshot_runs_list(page: Page, url: str) -> None:
+    page.goto(url + "/runs")
+    expect(page.locator("#run-table tbody tr")).to_have_count(2)
+    expect(page.locator("#run-table .badge.succeeded")).to_have_count(2)
+    check_times_localised(page)
+    shoot(page, "runs")
+
+
+def deploy(page: Page, url: str, run_id: int) -> int:
+    """One click serves the first run's adapter on vLLM (CPU); the table follows it to ready."""
+    page.goto(url + "/deployments")
+    page.select_option("#deploy-run", value=str(run_id))
+    page.fill("#deploy-name", "numbers")
+    page.click("#deploy-form button[type=submit]")
+    row = page.locator("#deployments-table tr[id^='deployment-']", has_text="numbers")
+    expect(row).to_have_attribute("data-status", "ready", timeout=SERVE_TIMEOUT_MS)
+    expect(row.locator(f"a[href='/runs/{run_id}']")).to_be_visible()
+    check_times_localised(page)
+    shoot(page, "deployments")
+    return int(row.get_attribute("id").removeprefix("deployment-"))
+
+
+def chat_in_playground(page: Page, url: str) -> None:
+    """A streamed reply: several chunks arrive, and Send is disabled until the last one."""
+    page.click("#deployments-table a:has-text('Chat')")
+    expect(page).to_have_url(re.compile(r"/playground\?model=numbers"))
+    page.fill("#pg-max-tokens", "24")
+    page.fill("#pg-input", "Spell the number 7 in words.")
+    page.click("#pg-send")
+    expect(page.locator("#pg-send")).to_be_disabled()
+    expect(page.locator("#pg-stats")).to_contain_text("chunks", timeout=SERVE_TIMEOUT_MS)
+    expect(page.locator("#pg-send")).to_be_enabled()
+    chunks = int(page.locator("#pg-stats").inner_text().split()[0])
+    assert chunks > 1, page.locator("#pg-stats").inner_text()
+    reply = page.locator("#pg-chat-adapter .pg-msg.assistant").last
+    assert reply.inner_text().strip(), "empty reply"
+    expect(page.locator("#pg-curl")).to_contain_text("/v1/chat/completions")
+    shoot(page, "playground")
+
+
+def undeploy(page: Page, url: str, deployment_id: int, run_id: int) -> None:
+    page.goto(url + "/deployments")
+    row = page.locator(f"#deployment-{deployment_id}")
+    row.locator("button:has-text('Undeploy')").click()
+    expect(page.locator(f"#deployment-{deployment_id}")).to_have_attribute("data-status", "stopped",
+                                                                         timeout=SERVE_TIMEOUT_MS)
+    page.goto(f"{url}/playground")
+    expect(page.locator(".empty")).to_contain_text("No model is ready")
+
+
+def screenshot_workers(page: Page, url: str) -> None:
+    page.goto(url + "/workers")
+    expect(page.locator(".worker-card .badge.ready")).to_have_count(1)
+    shoot(page, "workers")
+
+
+# --------------------------------------------------------------------------- helpers
+def expect_status(page: Page, status: str, timeout_ms: int) -> None:
+    expect(page.locator("#run-header [data-status]")).to_have_text(status, timeout=timeout_ms)
+
+
+def check_times_localised(page: Page) -> None:
+    """Every <time> carries an unambiguous UTC instant and shows it in the browser's locale."""
+    times = page.evaluate("""() => [...document.querySelectorAll("time[datetime]")].map((t) => ({
+        iso: t.getAttribute("datetime"), text: t.textContent,
+        local: new Date(t.getAttribute("datetime")).toLocaleString() }))""")
+    assert times, "no <time> on the page"
+    for moment in times:
+        assert re.search(r"(Z|[+-]\d\d:\d\d)$", moment["iso"]), f"a time without a zone: {moment}"
+        assert moment["text"] == moment["local"], moment
+
+
+def shoot(page: Page, name: str) -> None:
+    """A viewport screenshot for the README (docs/screenshots/NAME.png)."""
+    page.evaluate("() => document.activeElement?.blur()")
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), animations="disabled", caret="hide")
+
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
+        "seventeen eighteen nineteen".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def _spell(n: int) -> str:
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else "-" + _ONES[n % 10])
+    rest = n % 100
+    return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " and " + _spell(rest))

@@ -1,0 +1,136 @@
+"""The gateway's refusals, through the real app and a real ready deployment row (no server
+process is needed to refuse). Chatting through a real vLLM is in test_deploy_serving.py."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from app.models.base import utcnow
+from app.models.deployment import Deployment, InferenceServer
+from app.models.user import ApiToken, User
+from app.services.users import create_token, revoke_token
+
+CHINESE_REQUEST = {
+    "messages": [{"role": "system", "content": "你是Qwen，由阿里云创建。你是一个乐于助人的助手。"},
+                 {"role": "user", "content": "你是谁？"}],
+    "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05, "max_tokens": 512,
+}
+
+
+@pytest.fixture
+def ready_model(session: Session) -> Deployment:
+    """A ready deployment on a ready server (at a port nothing listens on)."""
+    server = InferenceServer(base_model_path="/models/tiny", base_name="tiny", status="ready",
+                             url="http://127.0.0.1:9", max_model_len=2048, ready_at=utcnow())
+    session.add(server)
+    session.flush()
+    deployment = Deployment(name="tiny-chat", server_id=server.id, lora_name="tiny-chat", status="ready",
+                            ready_at=utcnow())
+    session.add(deployment)
+    session.commit()
+    return deployment
+
+
+@pytest.fixture
+def gateway_key(session: Session, client: TestClient) -> str:
+    user = session.exec(select(User)).first()
+    _token, raw = create_token(session, user, "tests", kind="gateway")
+    return raw
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_no_key_is_401_in_openai_shape(anon_client, ready_model):
+    response = anon_client.post("/v1/chat/completions", json={"model": "tiny-chat", **CHINESE_REQUEST})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "missing_api_key"
+    assert anon_client.get("/v1/models").status_code == 401
+
+
+def test_a_revoked_key_is_401(anon_client, session, gateway_key, ready_model):
+    assert anon_client.get("/v1/models", headers=bearer(gateway_key)).status_code == 200
+    user = session.exec(select(User)).first()
+    key = session.exec(select(ApiToken).where(ApiToken.kind == "gateway")).one()
+    assert revoke_token(session, user, key.id, kind="gateway")
+    response = anon_client.get("/v1/models", headers=bearer(gateway_key))
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_personal_api_token_is_not_a_gateway_key(anon_client, session, client, ready_model):
+    user = session.exec(select(User)).first()
+    _token, raw = create_token(session, user, "cli", kind="api")
+    assert anon_client.get("/v1/models", headers=bearer(raw)).status_code == 401
+
+
+def test_models_lists_ready_adapters_and_their_base(anon_client, gateway_key, ready_model):
+    models = anon_client.get("/v1/models", headers=bearer(gateway_key)).json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == ["tiny-chat", "tiny"]
+
+
+def test_unknown_model_is_404(anon_client, gateway_key, ready_model):
+    response = anon_client.post("/v1/chat/completions", headers=bearer(gateway_key),
+                                json={"model": "nope", **CHINESE_REQUEST})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_malformed_json_is_400(anon_client, gateway_key, ready_model):
+    response = anon_client.post("/v1/chat/completions", headers={**bearer(gateway_key), "Content-Type": "application/json"},
+                                content=b'{"model": "tiny-chat", "messages": [')
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+    response = anon_client.post("/v1/chat/completions", headers=bearer(gateway_key), json=["not", "an", "object"])
+    assert response.status_code == 400
+    response = anon_client.post("/v1/chat/completions", headers=bearer(gateway_key), json={"model": "tiny-chat"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+
+
+def test_max_tokens_beyond_the_model_length_is_a_clear_400(anon_client, gateway_key, ready_model):
+    body = {"model": "tiny-chat", **CHINESE_REQUEST, "max_tokens": 100_000}
+    response = anon_client.post("/v1/chat/completions", headers=bearer(gateway_key), json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "context length is 2048" in error["message"]
+
+
+def test_a_model_not_ready_yet_is_409(anon_client, session, gateway_key, ready_model):
+    ready_model.status = "starting"
+    session.add(ready_model)
+    session.commit()
+    response = anon_client.post("/v1/chat/completions", headers=bearer(gateway_key),
+                                json={"model": "tiny-chat", **CHINESE_REQUEST})
+    assert response.status_code == 409 and "starting" in response.json()["error"]["message"]
+
+
+def test_an_unreachable_server_is_502(anon_client, gateway_key, ready_model):
+    response = anon_client.post("/v1/chat/completions", headers=bearer(gateway_key),
+                                json={"model": "tiny-chat", **CHINESE_REQUEST})
+    assert response.status_code == 502
+
+
+def test_the_browser_session_needs_the_csrf_header(client, ready_model):
+    """The playground calls the gateway with the session cookie; a cross-site form cannot."""
+    assert client.get("/v1/models").status_code == 200
+    body = {"model": "nope", **CHINESE_REQUEST}
+    assert client.post("/v1/chat/completions", json=body).status_code == 404  # authenticated
+    response = client.post("/v1/chat/completions", json=body, headers={"X-CSRF-Token": "forged"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "csrf"
+
+
+def test_keys_are_created_once_and_revoked_on_the_deployments_page(client, anon_client, session):
+    created = client.post("/deployments/keys", data={"name": "notebook"}, headers={"HX-Request": "true"})
+    assert "copy it now" in created.text
+    raw = created.text.split('id="new-gateway-key">')[1].split("<")[0]
+    assert anon_client.get("/v1/models", headers=bearer(raw)).status_code == 200
+    page = client.get("/deployments").text
+    assert "notebook" in page and raw not in page  # hashed at rest: never shown again
+    key_id = session.exec(select(ApiToken).where(ApiToken.kind == "gateway")).one().id
+    client.post(f"/deployments/keys/{key_id}/revoke", headers={"HX-Request": "true"})
+    assert anon_client.get("/v1/models", headers=bearer(raw)).status_code == 401
+    assert "No keys yet" in client.get("/deployments?block=keys").text

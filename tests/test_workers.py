@@ -1,0 +1,108 @@
+"""Workers: heartbeats, online/offline, the page, capacity checks and the doctor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import timedelta
+
+from app.models import Worker
+from app.models.base import utcnow
+from app.services.workers import bf16_problem, gpu_capacity_problem
+from app.settings import get_settings
+from workers.gpus import parse_nvidia_smi_csv
+
+H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total_mib": 81559.0,
+        "memory_used_mib": 20480.0, "utilization": 87.0}
+
+
+def _beat(client, worker_id="gpu@box", **extra):
+    payload = {"worker_id": worker_id, "hostname": "box", "queues": ["train", "serve"], **extra}
+    return client.post(
+        "/internal/v1/workers/heartbeat", json=payload,
+        headers={"Authorization": f"Bearer {get_settings().worker_token}"},
+    )
+
+
+def test_heartbeat_needs_the_worker_token(client) -> None:
+    response = client.post("/internal/v1/workers/heartbeat", json={"worker_id": "x", "hostname": "h"},
+                           headers={"Authorization": "Bearer wrong"})
+    assert response.status_code == 401
+
+
+def test_a_heartbeat_registers_the_worker_and_shows_its_gpus(client) -> None:
+    doctor = {"checks": [{"name": "bf16", "status": "warning", "detail": "bf16 unsupported on this GPU",
+                          "fix": "the form will default to fp16"}], "facts": {}, "worst": "warning",
+              "created_at": utcnow().isoformat()}
+    assert _beat(client, gpus=[H100], doctor=doctor).json() == {"doctor_requested": False}
+    workers = client.get("/api/v1/workers").json()
+    assert [(w["id"], w["online"], w["gpus"][0]["name"]) for w in workers] == [
+        ("gpu@box", True, "NVIDIA H100 80GB HBM3")]
+    page = client.get("/workers").text
+    assert "gpu@box" in page and "NVIDIA H100" in page and "bf16 unsupported on this GPU" in page
+    assert "badge ready\">online" in page and "width: 87" in page
+
+
+def test_a_clean_stop_greys_the_worker_and_keeps_it_listed(client) -> None:
+    _beat(client)
+    _beat(client, offline=True)
+    (worker,) = client.get("/api/v1/workers").json()
+    assert worker["online"] is False and worker["stopped_at"] is not None
+    assert 'worker-card offline' in client.get("/workers").text
+
+
+def test_a_silent_worker_goes_offline_after_the_timeout(client, session) -> None:
+    _beat(client)
+    worker = session.get(Worker, "gpu@box")
+    worker.last_seen_at = utcnow() - timedelta(seconds=get_settings().heartbeat_timeout_s + 1)
+    session.add(worker)
+    session.commit()
+    assert client.get("/api/v1/workers/gpu@box").json()["online"] is False
+
+
+def test_a_doctor_request_reaches_the_worker_once(client) -> None:
+    _beat(client)
+    assert client.post("/api/v1/workers/gpu@box/doctor").status_code == 202
+    assert _beat(client).json() == {"doctor_requested": True}
+    report = {"checks": [], "facts": {}, "worst": "ok", "created_at": utcnow().isoformat()}
+    assert _beat(client, doctor=report).json() == {"doctor_requested": False}
+    assert _beat(client).json() == {"doctor_requested": False}
+    assert client.post("/api/v1/workers/nobody/doctor").status_code == 404
+
+
+def test_capacity_checks_name_the_largest_worker(client, session) -> None:
+    assert "no online worker has a GPU" in gpu_capacity_problem(session, 1)
+    assert gpu_capacity_problem(session, 0) is None
+    bf16_doctor = {"facts": {"training_env": {"torch": {"bf16_supported": True}}}, "checks": []}
+    _beat(client, gpus=[H100], doctor=bf16_doctor)
+    assert gpu_capacity_problem(session, 1) is None
+    assert gpu_capacity_problem(session, 2) == "asks for 2 GPU(s) but the largest online worker has 1"
+    assert bf16_problem(session, 1) is None
+    assert "bf16 needs a GPU" in bf16_problem(session, 0)
+    assert "no online worker" in bf16_problem(session, 2)
+
+
+def test_empty_workers_page_says_what_to_do(client) -> None:
+    assert "tuneboard worker --gpus" in client.get("/workers").text
+
+
+def test_nvidia_smi_output_is_parsed() -> None:
+    output = "0, NVIDIA H100 80GB HBM3, 81559, 4, 0\n1, NVIDIA H100 80GB HBM3, 81559, [N/A], 35\n"
+    gpus = parse_nvidia_smi_csv(output)
+    assert [(g.index, g.memory_total_mib, g.memory_used_mib, g.utilization) for g in gpus] == [
+        (0, 81559.0, 4.0, 0.0), (1, 81559.0, 0.0, 35.0)]
+
+
+def test_doctor_cli_reports_this_machine(data_dir) -> None:
+    """`tuneboard doctor --json`, for real: every check has a status, and a fix when not ok."""
+    result = subprocess.run([sys.executable, "-m", "app.cli", "doctor", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    report = json.loads(result.stdout)
+    assert result.returncode == (1 if report["worst"] == "error" else 0)
+    checks = {check["name"]: check for check in report["checks"]}
+    assert {"os", "python", "gpus", "gcc", "cuda toolkit", "training env", "serving env", "disk"} <= set(checks)
+    assert all(check["status"] in ("ok", "warning", "error") for check in checks.values())
+    assert all(check["fix"] for check in checks.values() if check["status"] != "ok")
+    assert report["facts"]["arch"] and report["facts"]["free_disk_gib"] > 0
+    assert "llamafactory" in report["facts"]["training_env"]["packages"]

@@ -1,0 +1,543 @@
+"""One training attempt on this worker: claim it, prepare the run folder, run
+`llamafactory-cli train`, report what it logs, stop it when asked, report how it ended.
+
+The app is the only database writer; everything here goes through the Reporter (see
+docs of the run contract). Every report is idempotent there, so anything not acknowledged is
+kept and sent again: a metric line is never dropped because the app was briefly away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from celery.signals import worker_shutting_down
+
+from app.settings import Settings, get_settings
+from workers.gpu_pool import get_gpu_pool
+from workers.gpus import gpu_stats
+from workers.log_tail import RunTails, TailBatch
+from workers.process import ManagedProcess
+from workers.reporter import AppUnavailable, Reporter
+
+log = logging.getLogger(__name__)
+
+TAIL_INTERVAL_S = 0.1
+# After a failed report, wait this long before the next try (the process keeps running).
+REPORT_BACKOFF_S = 1.0
+# Items per events call; a long backlog (the app was away) goes in several calls.
+MAX_BATCH = 500
+# Stopping on worker shutdown must fit in `tuneboard up`'s own stop timeout (20 s).
+SHUTDOWN_GRACE_S = 8.0
+# Stopping an attempt the app no longer wants (declared lost, deleted, superseded).
+SUPERSEDED_GRACE_S = 5.0
+FAILURE_TAIL_LINES = 30
+ARTIFACTS = (
+    "training_loss.png", "training_eval_loss.png", "all_results.json", "train_results.json",
+    "eval_results.json", "trainer_log.jsonl",
+)
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+PLACEHOLDERS = {"{OUTPUT_DIR}": "__TUNEBOARD_OUTPUT_DIR__", "{DATASET_DIR}": "__TUNEBOARD_DATASET_DIR__"}
+VERSION_PACKAGES = ("llamafactory", "transformers", "peft", "torch")
+# The worker's own configuration (its secrets included) is none of the trainer's business.
+_PRIVATE_ENV = re.compile(r"^(TUNEBOARD_|VIRTUAL_ENV$|PYTHONPATH$|PYTHONHOME$)")
+
+
+class PreparationFailed(RuntimeError):
+    pass
+
+
+class WorkerShuttingDown(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- the worker's runs
+_active_runs: dict[tuple[int, int], "TrainingRun"] = {}
+_active_lock = threading.Lock()
+_shutting_down = threading.Event()
+
+
+def running_runs() -> list[dict[str, Any]]:
+    """What this worker trains now, for its heartbeat: [{"run_id", "attempt", "gpu_ids"}]."""
+    with _active_lock:
+        return [
+            {"run_id": run.run_id, "attempt": run.attempt, "gpu_ids": run.gpu_ids}
+            for run in _active_runs.values()
+        ]
+
+
+@worker_shutting_down.connect
+def _stop_runs_on_shutdown(**_kwargs: Any) -> None:
+    """Celery's warm shutdown (SIGTERM, Ctrl-C of `tuneboard up`) waits for the running tasks:
+    make them stop their trainers now and report the run cancelled."""
+    _shutting_down.set()
+    with _active_lock:
+        runs = list(_active_runs.values())
+    for run in runs:
+        run.request_stop("worker shut down", SHUTDOWN_GRACE_S)
+
+
+# --------------------------------------------------------------------------- entry point
+def train(run_id: int, attempt: int, *, worker_id: str, task_id: str, gpus: int | None) -> str:
+    """Reserve GPUs, claim the attempt and train it; returns a one-line summary.
+
+    `gpus` comes with the task so that GPUs are reserved before the claim; None (a task sent
+    without it) means: claim first, then take the GPUs the claim asks for if they are free.
+    Raises NotEnoughGpus (can never run here) and WorkerShuttingDown before claiming, for the
+    task to give the message back to the queue; AppUnavailable when the claim can't be sent.
+    """
+    settings = get_settings()
+    pool = get_gpu_pool()
+    gpu_ids = _reserve(pool, gpus or 0)
+    reporter = Reporter(settings, timeout_s=5.0)
+    try:
+        claimed_at = time.monotonic()
+        response = reporter.post(f"/runs/{run_id}/claim", json={
+            "attempt": attempt, "worker_id": worker_id, "task_id": task_id, "gpu_ids": gpu_ids,
+            "hostname": socket.gethostname(),
+        })
+        if response.status_code in (404, 409):
+            log.info("run %s attempt %s not claimed: %s", run_id, attempt, response.json().get("detail"))
+            return "not claimable"
+        response.raise_for_status()
+        claim = response.json()
+        run = TrainingRun(claim, worker_id=worker_id, gpu_ids=gpu_ids, settings=settings,
+                          reporter=reporter, claimed_at=claimed_at)
+        if claim["gpus"] > len(gpu_ids):  # the task did not say how many GPUs
+            extra = pool.reserve(claim["gpus"] - len(gpu_ids), timeout_s=0) if claim["gpus"] <= pool.total else None
+            if extra is None:
+                return run.fail_before_start(
+                    f"worker {worker_id} has no {claim['gpus']} free GPU(s) for this run"
+                )
+            gpu_ids += extra
+            run.gpu_ids = gpu_ids
+        return run.execute()
+    finally:
+        pool.release(gpu_ids)
+        reporter.close()
+
+
+def _reserve(pool: Any, count: int) -> list[int]:
+    """Wait for `count` free GPUs, but give up if the worker starts shutting down."""
+    while True:
+        if _shutting_down.is_set():
+            raise WorkerShuttingDown("the worker is shutting down")
+        gpu_ids = pool.reserve(count, timeout_s=1.0)
+        if gpu_ids is not None:
+            return gpu_ids
+
+
+# --------------------------------------------------------------------------- one attempt
+@dataclass
+class _StopRequest:
+    reason: str
+    grace_s: float
+    asked_at: float
+
+
+class _Outbox:
+    """Reports not yet acknowledged by the app: the latest progress, metric points (one per
+    step: later lines of a step override earlier ones, as the app's upsert would) and log lines."""
+
+    def __init__(self) -> None:
+        self.status: str | None = "running"
+        self.progress: dict[str, Any] | None = None
+        self.metrics: dict[int, dict[str, Any]] = {}
+        self.logs: list[dict[str, Any]] = []
+        self.news = True
+
+    def add(self, batch: TailBatch) -> None:
+        if not batch:
+            return
+        self.news = True
+        if batch.progress is not None:
+            self.progress = batch.progress
+        for point in batch.metrics:
+            self.metrics[point["step"]] = {**self.metrics.get(point["step"], {}), **point}
+        self.logs += batch.logs
+
+    def take(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "progress": self.progress,
+            "metrics": list(self.metrics.values())[:MAX_BATCH],
+            "logs": self.logs[:MAX_BATCH],
+        }
+
+    def acknowledge(self, sent: dict[str, Any]) -> None:
+        self.status = None
+        if self.progress is sent["progress"]:
+            self.progress = None
+        for point in sent["metrics"]:
+            if self.metrics.get(point["step"]) is point:
+                del self.metrics[point["step"]]
+        del self.logs[: len(sent["logs"])]
+        self.news = bool(self.metrics or self.logs)
+
+    def drop(self) -> None:
+        self.status = self.progress = None
+        self.metrics.clear()
+        self.logs.clear()
+        self.news = False
+
+
+class TrainingRun:
+    def __init__(
+        self, claim: dict[str, Any], *, worker_id: str, gpu_ids: list[int], settings: Settings,
+        reporter: Reporter, claimed_at: float,
+    ) -> None:
+        self.claim = claim
+        self.run_id: int = claim["run_id"]
+        self.attempt: int = claim["attempt"]
+        self.worker_id = worker_id
+        self.gpu_ids = gpu_ids
+        self.settings = settings
+        self.reporter = reporter
+        self.heartbeat_interval_s = float(claim.get("heartbeat_interval_s") or settings.heartbeat_interval_s)
+        self.run_dir = settings.path("runs", str(self.run_id))
+        self.output_dir = self.run_dir / "output"
+        self.stdout_log = self.run_dir / "stdout.log"
+        self.process: ManagedProcess | None = None
+        self._stop: _StopRequest | None = None
+        self._app_gone = False  # the app answered 409: this attempt is over there
+        self._next_report_at = 0.0
+        self._last_report_at = 0.0
+        self._gpu_sample: dict[str, float] = {}
+        self._gpu_sampled_at = 0.0
+        self.timings: dict[str, float] = {"claimed": claimed_at}
+
+    @property
+    def tag(self) -> str:
+        return f"run {self.run_id} attempt {self.attempt}"
+
+    def request_stop(self, reason: str, grace_s: float) -> None:
+        """Thread-safe: the supervising loop sends the signals. The first reason sticks."""
+        if self._stop is None:
+            self._stop = _StopRequest(reason, grace_s, time.monotonic())
+        elif grace_s < self._stop.grace_s:
+            self._stop = _StopRequest(self._stop.reason, grace_s, self._stop.asked_at)
+
+    def execute(self) -> str:
+        with _active_lock:
+            _active_runs[(self.run_id, self.attempt)] = self
+        try:
+            if _shutting_down.is_set():
+                return self.fail_before_start("worker shut down", outcome="cancelled")
+            try:
+                command, env = self._prepare()
+            except (PreparationFailed, OSError, AppUnavailable) as error:
+                return self.fail_before_start(f"could not prepare the run folder: {error}")
+            self.process = ManagedProcess(command, env, self.run_dir, self.stdout_log)
+            self.timings["started"] = time.monotonic()
+            log.info("%s: started %s (pid %s, GPUs %s)", self.tag, " ".join(command), self.process.pid,
+                     self.gpu_ids or "none")
+            exit_code = self._supervise()
+            self.timings["exited"] = time.monotonic()
+            return self._finish(exit_code)
+        except Exception:
+            log.exception("%s: supervisor failed", self.tag)
+            if self.process is not None and self.process.poll() is None:
+                self.process.stop(SUPERSEDED_GRACE_S)
+            self._send_finish("failed", None, f"the worker's supervisor failed:\n{traceback.format_exc()}")
+            return "failed"
+        finally:
+            with _active_lock:
+                _active_runs.pop((self.run_id, self.attempt), None)
+
+    def fail_before_start(self, reason: str, outcome: str = "failed") -> str:
+        log.warning("%s: %s", self.tag, reason)
+        self._send_finish(outcome, None, reason)
+        return outcome
+
+    # ----------------------------------------------------------------------- preparation
+    def _prepare(self) -> tuple[list[str], dict[str, str]]:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = self.run_dir / "data"
+        data_dir.mkdir(exist_ok=True)
+        local_names = {}
+        for dataset in self.claim["datasets"]:
+            local_names[dataset["file_name"]] = self._fetch_dataset(dataset, data_dir)
+        # dataset_dir is the run folder; the files live under data/ (see the contract).
+        dataset_info = {
+            name: {**entry, "file_name": f"data/{local_names.get(entry.get('file_name'), entry.get('file_name'))}"}
+            if "file_name" in entry else entry
+            for name, entry in self.claim["dataset_info"].items()
+        }
+        (self.run_dir / "dataset_info.json").write_text(json.dumps(dataset_info, indent=2, ensure_ascii=False))
+        config = render_train_yaml(self.claim["train_yaml"], output_dir=self.output_dir, dataset_dir=self.run_dir)
+        checkpoint = self.claim.get("resume_from_checkpoint")
+        if checkpoint:
+            checkpoint_dir = self.output_dir / checkpoint
+            if not CHECKPOINT_DIR.match(checkpoint) or not (checkpoint_dir / "trainer_state.json").is_file():
+                raise PreparationFailed(f"no complete checkpoint {checkpoint!r} in {self.output_dir}")
+            config["resume_from_checkpoint"] = str(checkpoint_dir)
+            config["overwrite_output_dir"] = False
+        (self.run_dir / "train.yaml").write_text(
+            yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+        )
+        # Each attempt's log lines are keyed by their offsets in fresh files: the earlier
+        # attempt's copies were reported under its own attempt.
+        self.stdout_log.unlink(missing_ok=True)
+        (self.output_dir / "running_log.txt").unlink(missing_ok=True)
+        self.tails = RunTails(self.output_dir, self.stdout_log, resume=bool(checkpoint))
+        return [self.settings.llamafactory_cli, "train", "train.yaml"], self._environment()
+
+    def _fetch_dataset(self, dataset: dict[str, Any], data_dir: Path) -> str:
+        """Download a dataset file unless the same content is already there. Always a download,
+        even for the embedded worker that shares the app's data dir: one code path, and the
+        run folder never aliases the app's stored file."""
+        name = Path(dataset["file_name"]).name
+        target = data_dir / name
+        if target.is_file() and _sha256(target) == dataset["sha256"]:
+            return name
+        path = dataset["url"].removeprefix("/internal/v1")
+        digest = self.reporter.download(path, target)
+        if digest != dataset["sha256"]:
+            target.unlink(missing_ok=True)
+            raise PreparationFailed(f"dataset {dataset['name']}: sha256 {digest} instead of {dataset['sha256']}")
+        return name
+
+    def _environment(self) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if not _PRIVATE_ENV.match(key)}
+        env.pop("FORCE_TORCHRUN", None)
+        train_bin = str(Path(self.settings.llamafactory_cli).parent)  # torchrun is found on PATH
+        env.update({
+            "PATH": f"{train_bin}{os.pathsep}{env.get('PATH', '')}",
+            "LLAMABOARD_ENABLED": "1",
+            "LLAMABOARD_WORKDIR": str(self.output_dir),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            # nvidia-smi / NVML number GPUs in PCI order; make CUDA agree with them.
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "CUDA_VISIBLE_DEVICES": ",".join(str(gpu_id) for gpu_id in self.gpu_ids),
+        })
+        if len(self.gpu_ids) > 1:
+            env["FORCE_TORCHRUN"] = "1"
+        return env
+
+    # ----------------------------------------------------------------------- supervision
+    def _supervise(self) -> int:
+        assert self.process is not None
+        outbox = _Outbox()
+        while True:
+            exit_code = self.process.poll()
+            outbox.add(self.tails.read(final=exit_code is not None))
+            if exit_code is not None:
+                self._report(outbox, final=True)
+                return exit_code
+            stop = self._stop
+            if stop is not None:
+                self.process.request_stop(max(0.0, stop.asked_at + stop.grace_s - time.monotonic()))
+            now = time.monotonic()
+            due = outbox.news or now - self._last_report_at >= self.heartbeat_interval_s
+            if due and now >= self._next_report_at:
+                self._report(outbox)
+            time.sleep(TAIL_INTERVAL_S)
+
+    def _report(self, outbox: _Outbox, *, final: bool = False) -> None:
+        """Send what the outbox holds (all of it when `final`); keep it when the app is away."""
+        while True:
+            payload = outbox.take()
+            self._add_gpu_sample(payload["metrics"])
+            try:
+                response = self.reporter.post(
+                    f"/runs/{self.run_id}/events",
+                    json={"attempt": self.attempt, "worker_id": self.worker_id, **payload},
+                    retry_for_s=120.0 if final else 0.0,
+                )
+            except AppUnavailable as error:
+                log.warning("%s: events not delivered, kept for later: %s", self.tag, error)
+                self._next_report_at = time.monotonic() + REPORT_BACKOFF_S
+                return
+            now = time.monotonic()
+            self._last_report_at = now
+            if response.status_code in (404, 409):
+                self._app_gone = True
+                outbox.drop()
+                log.warning("%s: the app ended this attempt (%s)", self.tag, response.text)
+                self.request_stop("the app ended this attempt", SUPERSEDED_GRACE_S)
+                return
+            if response.status_code != 200:
+                # A request the app refuses would be refused again: say so, don't loop on it.
+                log.error("%s: events refused (%s): %s", self.tag, response.status_code, response.text)
+                outbox.drop()
+                return
+            if payload["metrics"] and "first_metric" not in self.timings:
+                self.timings["first_metric"] = now
+            outbox.acknowledge(payload)
+            if response.json().get("cancel"):
+                self.request_stop("cancelled by the user", self.settings.cancel_grace_s)
+            if not (final and outbox.news):
+                return
+
+    def _add_gpu_sample(self, metrics: list[dict[str, Any]]) -> None:
+        if not self.gpu_ids or not metrics:
+            return
+        now = time.monotonic()
+        if now - self._gpu_sampled_at >= self.heartbeat_interval_s:
+            self._gpu_sampled_at = now
+            try:
+                stats = gpu_stats(self.gpu_ids)
+            except Exception:  # a flaky driver must not stop the reports
+                log.exception("%s: GPU statistics unavailable", self.tag)
+                stats = []
+            self._gpu_sample = {
+                "gpu_util": sum(gpu.utilization for gpu in stats) / len(stats),
+                "gpu_mem_mib": sum(gpu.memory_used_mib for gpu in stats),
+            } if stats else {}
+        for point in metrics:
+            for key, value in self._gpu_sample.items():
+                point.setdefault(key, value)
+
+    # ----------------------------------------------------------------------- the end
+    def _finish(self, exit_code: int) -> str:
+        if self._stop is not None:
+            outcome, reason = "cancelled", self._stop.reason
+        elif exit_code == 0:
+            outcome, reason = "succeeded", ""
+        else:
+            outcome = "failed"
+            reason = f"llamafactory-cli exited with {exit_code}:\n" + _last_lines(self.stdout_log, FAILURE_TAIL_LINES)
+        if not self._app_gone:
+            self._upload_artifacts()
+            self._send_finish(outcome, exit_code, reason)
+        self._log_timings(outcome, exit_code)
+        return outcome
+
+    def _upload_artifacts(self) -> None:
+        for name in ARTIFACTS:
+            path = self.output_dir / name
+            if not path.is_file():
+                continue
+            try:
+                response = self.reporter.post(
+                    f"/runs/{self.run_id}/artifacts",
+                    data={"attempt": str(self.attempt), "name": name},
+                    files={"file": (name, path.read_bytes())},
+                )
+                if response.status_code != 200:
+                    log.error("%s: artifact %s refused (%s): %s", self.tag, name, response.status_code, response.text)
+            except AppUnavailable as error:
+                log.error("%s: artifact %s not delivered: %s", self.tag, name, error)
+
+    def _send_finish(self, outcome: str, exit_code: int | None, reason: str) -> None:
+        body = {
+            "attempt": self.attempt, "worker_id": self.worker_id, "outcome": outcome,
+            "exit_code": exit_code, "reason": reason, "results": _read_json(self.output_dir / "all_results.json"),
+            "checkpoints": list_checkpoints(self.output_dir), "adapter_path": _adapter_path(self.output_dir),
+            "output_dir": str(self.output_dir), "versions": training_env_versions(self.settings.train_python),
+        }
+        try:
+            response = self.reporter.post(f"/runs/{self.run_id}/finish", json=body, retry_for_s=600.0)
+        except AppUnavailable as error:
+            log.error("%s: finish (%s) not delivered; the app will mark the run lost: %s", self.tag, outcome, error)
+            return
+        if response.status_code != 200:
+            log.warning("%s: finish (%s) refused (%s): %s", self.tag, outcome, response.status_code, response.text)
+
+    def _log_timings(self, outcome: str, exit_code: int) -> None:
+        t = self.timings
+        parts = [f"claim→process start {t['started'] - t['claimed']:.3f}s"]
+        if "first_metric" in t:
+            parts.append(f"process start→first metric posted {t['first_metric'] - t['started']:.3f}s")
+        if self._stop is not None:
+            parts.append(f"stop asked→exit {t['exited'] - self._stop.asked_at:.3f}s")
+        log.info("%s: %s (exit %s); timings: %s", self.tag, outcome, exit_code, ", ".join(parts))
+
+
+# --------------------------------------------------------------------------- helpers
+def render_train_yaml(text: str, *, output_dir: Path, dataset_dir: Path) -> dict[str, Any]:
+    """The app's YAML with its placeholders replaced by this worker's paths. Swapped for plain
+    tokens before parsing, so a bare `{OUTPUT_DIR}` is not read as a YAML mapping and a path
+    needs no quoting."""
+    for placeholder, token in PLACEHOLDERS.items():
+        text = text.replace(placeholder, token)
+    config = yaml.safe_load(text)
+    if not isinstance(config, dict):
+        raise PreparationFailed("train_yaml is not a mapping")
+    paths = {
+        PLACEHOLDERS["{OUTPUT_DIR}"]: str(output_dir),
+        PLACEHOLDERS["{DATASET_DIR}"]: str(dataset_dir),
+    }
+
+    def substitute(value: Any) -> Any:
+        if isinstance(value, str):
+            for token, path in paths.items():
+                value = value.replace(token, path)
+        return value
+
+    return {key: substitute(value) for key, value in config.items()}
+
+
+def list_checkpoints(output_dir: Path) -> list[dict[str, Any]]:
+    """checkpoint-N folders; complete once their trainer_state.json (written last) exists."""
+    found = []
+    for path in output_dir.glob("checkpoint-*") if output_dir.is_dir() else ():
+        if (match := CHECKPOINT_DIR.match(path.name)) and path.is_dir():
+            found.append({"name": path.name, "step": int(match[1]),
+                          "complete": (path / "trainer_state.json").is_file()})
+    return sorted(found, key=lambda checkpoint: checkpoint["step"])
+
+
+@lru_cache
+def training_env_versions(train_python: str) -> dict[str, str]:
+    """Versions of the training environment's key packages, asked once per worker (from the
+    package metadata: no torch import)."""
+    script = (
+        "import json, importlib.metadata as m\n"
+        f"names = {list(VERSION_PACKAGES)!r}\n"
+        "def version(name):\n"
+        "    try:\n        return m.version(name)\n"
+        "    except m.PackageNotFoundError:\n        return 'missing'\n"
+        "print(json.dumps({name: version(name) for name in names}))\n"
+    )
+    try:
+        result = subprocess.run([train_python, "-c", script], capture_output=True, text=True,
+                                timeout=60, check=True)
+        return json.loads(result.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as error:
+        log.error("could not read the training environment's versions: %s", error)
+        return {}
+
+
+def _adapter_path(output_dir: Path) -> str | None:
+    return str(output_dir) if (output_dir / "adapter_config.json").is_file() else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _last_lines(path: Path, count: int) -> str:
+    try:
+        with path.open("rb") as handle:
+            lines = deque(handle, maxlen=count)
+    except OSError:
+        return ""
+    return b"".join(lines).decode("utf-8", errors="replace")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
