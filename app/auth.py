@@ -78,9 +78,10 @@ async def _check_csrf(request: Request, expected: str | None) -> None:
         )
 
 
-async def require_user(request: Request, session: SessionDep) -> User:
-    """The logged-in user: a session cookie (CSRF-checked on state-changing requests) or, for
-    /api/v1, `Authorization: Bearer <personal API token>`."""
+def authenticated_user(request: Request, session: SessionDep) -> User:
+    """A session cookie or, for /api/v1, `Authorization: Bearer <personal API token>`.
+    Synchronous on purpose: FastAPI runs it on the threadpool, so its queries never block the
+    event loop (which would stall every SSE stream)."""
     authorization = request.headers.get("Authorization", "")
     if authorization.startswith("Bearer ") and request.url.path.startswith(API_PREFIX):
         token = find_token(session, authorization.removeprefix("Bearer ").strip(), kind="api")
@@ -90,12 +91,18 @@ async def require_user(request: Request, session: SessionDep) -> User:
                 status.HTTP_401_UNAUTHORIZED, "unknown or revoked API token",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        request.state.user = user
-        return user  # a bearer token is not sent by browsers on their own: no CSRF to fear
+        request.state.bearer = True
+        return user
     user = session_user(request, session)
     if user is None:
         raise _not_logged_in(request)
-    if request.method in STATE_CHANGING_METHODS:
+    return user
+
+
+async def require_user(request: Request, user: Annotated[User, Depends(authenticated_user)]) -> User:
+    """The logged-in user; state-changing requests of a browser session must carry the CSRF token
+    (a bearer token is not sent by browsers on their own: no CSRF to fear)."""
+    if request.method in STATE_CHANGING_METHODS and not getattr(request.state, "bearer", False):
         await _check_csrf(request, read_session(request).get("csrf"))
     request.state.user = user
     return user

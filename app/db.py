@@ -28,10 +28,14 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         in_memory = url in ("sqlite://", "sqlite:///:memory:")
+        # A file database never makes a checkout wait (max_overflow=-1): a long-lived SSE stream
+        # holds its session, and 20 simultaneous dashboards exhausted the default pool.
+        pool_options = {} if in_memory else {"pool_size": 10, "max_overflow": -1}
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False},
             poolclass=StaticPool if in_memory else None,
+            **pool_options,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

@@ -1,6 +1,7 @@
 """Benchmark the OpenAI-compatible gateway against calling vLLM directly, and deploy → ready.
 
     .venv/bin/python bench/bench_gateway.py [--concurrency 8] [--requests 48] [--max-tokens 64] [--rounds 3]
+                                            [--broker redis://127.0.0.1:6379/15 | embedded]
 
 Builds the tiny demo model and trains a LoRA adapter on it (llamafactory-cli, ~1 min), starts
 the web app and a serving worker on a temp data dir, deploys the adapter (timing the click →
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--broker", default="redis://127.0.0.1:6379/15",
+                        help="Broker of the panel (this Redis database is flushed); 'embedded' for SQLite.")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
@@ -113,7 +116,11 @@ def main() -> None:
         started = time.perf_counter()
         model, adapter = build_adapter(work)
         print(f"model + adapter built in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        panel = Panel(work)
+        if args.broker != "embedded":
+            import redis
+
+            redis.Redis.from_url(args.broker).flushdb()
+        panel = Panel(work, None if args.broker == "embedded" else args.broker)
         panel.start()
         try:
             run_id = panel.run(adapter, model, "bench").id

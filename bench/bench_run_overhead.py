@@ -46,13 +46,14 @@ def wait_for_first_line(path: Path, started: float) -> float:
     return time.monotonic() - started
 
 
-def trainer_spawned_at(worker: psutil.Process, started: float) -> float:
-    """When the worker started llamafactory-cli (its create time, on the wall clock)."""
+def trainer_spawned_after(worker: psutil.Process, started: float) -> float:
+    """Seconds from `started` until the worker's llamafactory-cli child is seen (polled every
+    10 ms: psutil's create_time() is only as precise as the boot time, about a second)."""
     while True:
         for child in worker.children(recursive=True):
             try:
                 if any("train.yaml" in part for part in child.cmdline()):
-                    return child.create_time()
+                    return time.monotonic() - started
             except psutil.Error:
                 continue
         if time.monotonic() - started > TIMEOUT_S:
@@ -62,10 +63,10 @@ def trainer_spawned_at(worker: psutil.Process, started: float) -> float:
 
 def panel_round(panel, config_id: int) -> tuple[float, float, float, Path]:
     """Submit → first trainer_log line, → first metric in the app, and submit → trainer process start."""
-    wall, started = time.time(), time.monotonic()
+    started = time.monotonic()
     run = panel.api.post("/api/v1/runs", json={"config_id": config_id}).raise_for_status().json()
     run_dir = panel.data_dir / "runs" / str(run["id"])
-    spawned = trainer_spawned_at(psutil.Process(panel.processes["worker"].pid), started) - wall
+    spawned = trainer_spawned_after(psutil.Process(panel.processes["worker"].pid), started)
     first_line = wait_for_first_line(run_dir / "output" / "trainer_log.jsonl", started)
     while not panel.api.get(f"/api/v1/runs/{run['id']}/metrics").json():
         time.sleep(POLL_S)

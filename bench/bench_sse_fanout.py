@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import threading
 import time
 
@@ -18,17 +17,22 @@ import psutil
 
 from sse_common import fake_run
 
+CONNECT_TIMEOUT_S = 60.0
+DELIVERY_TIMEOUT_S = 30.0
 
-async def _client(url: str, cookies: httpx.Cookies, counts: list[int], index: int, stop: asyncio.Event) -> None:
-    async with httpx.AsyncClient(cookies=cookies, timeout=httpx.Timeout(30, read=None)) as client:
+
+async def _client(url: str, cookies: httpx.Cookies, counts: list[int], index: int, stop: asyncio.Event,
+                  connected: list[bool]) -> None:
+    async with httpx.AsyncClient(cookies=cookies, timeout=httpx.Timeout(60, read=None)) as client:
         async with client.stream("GET", url) as response:
+            connected[index] = response.status_code == 200
             current: dict[str, str] = {}
             async for line in response.aiter_lines():
                 if stop.is_set():
                     return
                 if line and not line.startswith(":"):
                     key, _, value = line.partition(":")
-                    current[key] = value
+                    current[key] = value.removeprefix(" ")
                 elif not line and current:
                     if current.get("event") == "metric":
                         counts[index] += 1
@@ -38,8 +42,11 @@ async def _client(url: str, cookies: httpx.Cookies, counts: list[int], index: in
 def _watchers(url: str, cookies: httpx.Cookies, clients: int, counts: list[int], ready: threading.Event,
               finished: threading.Event, errors: list[str]) -> None:
     async def main() -> None:
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(_client(url, cookies, counts, i, stop)) for i in range(clients)]
+        stop, connected = asyncio.Event(), [False] * clients
+        tasks = [asyncio.create_task(_client(url, cookies, counts, i, stop, connected)) for i in range(clients)]
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while not all(connected) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         ready.set()
         while not finished.is_set():
             await asyncio.sleep(0.1)
@@ -62,13 +69,15 @@ def measure(clients: int, seconds: float, rate: float) -> tuple[float, list[int]
         watcher = threading.Thread(target=_watchers, args=(url, run.panel.api.cookies, clients, counts, ready, finished, errors))
         watcher.start()
         ready.wait()
-        time.sleep(3.0)  # every client connected and replayed
+        time.sleep(1.0)  # the connections settle (replay done)
         lines = int(seconds * rate)
         before, started = web.cpu_times(), time.monotonic()
         for step in range(1, lines + 1):
             run.append(step, lines)
             time.sleep(1 / rate)
-        time.sleep(1.0)  # the last line's events
+        deadline = time.monotonic() + DELIVERY_TIMEOUT_S  # until every client has every event
+        while min(counts) < lines and time.monotonic() < deadline:
+            time.sleep(0.05)
         after, elapsed = web.cpu_times(), time.monotonic() - started
         finished.set()
         watcher.join(timeout=30)

@@ -26,7 +26,8 @@ function localizeTimes(root) {
   });
 }
 document.addEventListener("DOMContentLoaded", () => localizeTimes(document));
-document.addEventListener("htmx:afterSwap", (event) => localizeTimes(event.detail.target));
+// The whole document: after an outerHTML swap, event.detail.target is the element swapped out.
+document.addEventListener("htmx:afterSettle", () => localizeTimes(document));
 
 // Copy buttons: <button data-copy="#id">.
 document.addEventListener("click", (event) => {

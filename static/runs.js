@@ -10,13 +10,20 @@
     const opts = {
       width: Math.max(el.clientWidth, 260), height: 220,
       scales: { x: { time: false }, y: log ? { distr: 3 } : {} },
-      axes: [{ label: "step" }, { size: 60 }],
+      axes: [{ label: "step" }, { size: 60, values: (_u, ticks) => ticks.map(number) }],
       series: [{ label: "step" }, ...series.map((s) => ({ spanGaps: true, width: 2, points: { show: false }, ...s }))],
       legend: { live: true },
     };
     const plot = new uPlot(opts, [[], ...series.map(() => [])], el);
     new ResizeObserver(() => plot.setSize({ width: Math.max(el.clientWidth, 260), height: 220 })).observe(el);
     return plot;
+  }
+
+  // Learning rates are ~1e-4: plain tick labels would all read "0".
+  function number(v) {
+    if (v === null) return "";
+    const a = Math.abs(v);
+    return a !== 0 && (a < 1e-2 || a >= 1e5) ? v.toExponential(1) : String(Number(v.toPrecision(4)));
   }
 
   function duration(seconds) {

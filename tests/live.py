@@ -73,6 +73,24 @@ class LivePanel:
         )
         return self.processes[name]
 
+    def start_web(self) -> subprocess.Popen:
+        """uvicorn on this panel's port (again, after `stop("web")`: the fault tests restart it)."""
+        port = self.url.rsplit(":", 1)[1]
+        self.processes["web"] = _start(
+            [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
+             "--port", port, "--log-level", "warning", "--timeout-graceful-shutdown", "5"],
+            self.env, self.log_dir / "web.log",
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                if self.api.get("/healthz").status_code == 200:
+                    return self.processes["web"]
+            except httpx.TransportError:
+                pass
+            assert self.processes["web"].poll() is None and time.monotonic() < deadline, self.log("web")
+            time.sleep(0.1)
+
     def stop(self, name: str, sig: signal.Signals = signal.SIGTERM) -> None:
         _stop(self.processes.pop(name), sig)
 
@@ -139,21 +157,8 @@ def running_panel(
     log_dir.mkdir(parents=True, exist_ok=True)
     token = _admin_token()
     panel = LivePanel(url, httpx.Client(base_url=url, timeout=30), token, data_dir, process_env, log_dir)
-    panel.processes["web"] = _start(
-        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--timeout-graceful-shutdown", "5"],
-        process_env, log_dir / "web.log",
-    )
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                if panel.api.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert panel.processes["web"].poll() is None and time.monotonic() < deadline, panel.log("web")
-            time.sleep(0.1)
+        panel.start_web()
         log_in(panel.api, ADMIN_USERNAME, ADMIN_PASSWORD)
         if worker:
             panel.start_worker()

@@ -77,6 +77,13 @@ def test_other_keys_need_a_column_mapping(client, session, data_dir) -> None:
     entry = client.get(f"/api/v1/datasets/{mapped.json()['id']}").json()["dataset_info"]
     assert entry["columns"] == {"prompt": "q", "response": "a"}
     assert upload(client, content, "x.json", formatting="alpaca", columns='{"nope": "q"}').status_code == 400
+    boundary = "b0undary"
+    late = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="q.json"\r\n\r\n'.encode()
+            + content + f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="columns"\r\n\r\n{{}}'
+            f"\r\n--{boundary}--\r\n".encode())
+    after_file = client.post("/api/v1/datasets", content=late,
+                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert after_file.status_code == 400 and "before the file" in after_file.json()["detail"]
 
 
 def test_row_problems_are_counted_and_listed(client) -> None:

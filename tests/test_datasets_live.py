@@ -163,7 +163,7 @@ def test_browser_upload_with_progress_column_mapping_and_errors(live_server, tmp
         expect(page.locator("table").first).to_contain_text("question 0")
 
         expect(page.locator("#tok-template")).to_have_value("qwen")
-        page.fill("#tok-cutoff", "12")
+        page.fill("#tok-cutoff", "64")
         page.click("#tokens-form button[type=submit]")
         expect(page.locator("#token-chart canvas")).to_be_visible(timeout=180_000)
         expect(page.locator("#tokens")).to_contain_text("would be truncated")

@@ -42,7 +42,7 @@ def _free_port() -> int:
 class Panel:
     """The web app and one serving worker on a fresh data dir, and a logged-in client."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, broker_url: str | None = None) -> None:
         self.data = root / "data"
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -53,6 +53,8 @@ class Panel:
             "TUNEBOARD_SERVE_READY_TIMEOUT_S": str(READY_TIMEOUT_S),
         }
         self.env.pop("TUNEBOARD_BROKER_URL", None)
+        if broker_url:
+            self.env["TUNEBOARD_BROKER_URL"] = broker_url
         self.processes: list[subprocess.Popen] = []
         self.logs = root / "logs"
         self.logs.mkdir()
@@ -83,6 +85,13 @@ class Panel:
         self.client = httpx.Client(base_url=self.url, timeout=60)
         log_in(self.client, "admin", "correct horse battery staple")
         self.key = self.client.post("/api/v1/gateway-keys", json={"name": "tests"}).json()["token"]
+        # Only send tasks once the worker has declared its queues: with the embedded transport a
+        # first send racing the worker's declaration of the same queue kills the worker
+        # (kombu's SQLAlchemy transport: UNIQUE constraint failed: kombu_queue.name).
+        deadline = time.monotonic() + 120
+        while not self.client.get("/api/v1/workers").json():
+            assert time.monotonic() < deadline, (self.logs / "worker.log").read_text()[-3000:]
+            time.sleep(0.3)
 
     def stop(self) -> None:
         for process in reversed(self.processes):

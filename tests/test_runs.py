@@ -100,6 +100,7 @@ def test_start_freezes_the_config_and_records_the_lineage(client, session, confi
     [dataset] = row.lineage["datasets"]
     assert len(dataset["sha256"]) == 64 and dataset["name"] == "tiny-data"
     assert row.lineage["model"]["path"] == "/models/tiny"
+    assert client.get(f"/api/v1/runs/{row.id}/yaml").text == row.train_yaml
     assert [e.kind for e in session.exec(select(RunEvent).where(RunEvent.run_id == row.id))] == ["status"]
 
 

@@ -11,7 +11,7 @@ from contextlib import suppress
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
-from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -324,6 +324,15 @@ def compare_runs(session: SessionDep, ids: Annotated[list[int], Query()]) -> dic
 def get_run(run_id: int, session: SessionDep):
     try:
         return _public(service.get_run(session, run_id))
+    except service.RunError as error:
+        raise _http(error) from None
+
+
+@api_router.get("/runs/{run_id}/yaml", response_class=PlainTextResponse)
+def run_yaml(run_id: int, session: SessionDep) -> str:
+    """The exact train.yaml of the run (output_dir and dataset_dir are the worker's placeholders)."""
+    try:
+        return service.get_run(session, run_id).train_yaml
     except service.RunError as error:
         raise _http(error) from None
 

@@ -424,6 +424,10 @@ class _MultipartUpload:
     def _on_part_end(self) -> None:
         if self._part_is_file:
             return
+        if self.incoming is not None and self._part_name in ("formatting", "columns", "tags"):
+            raise DatasetError(
+                status.HTTP_400_BAD_REQUEST, f"send {self._part_name!r} before the file: it steers the validation"
+            )
         try:
             self.fields[self._part_name] = self._text.decode("utf-8")
         except UnicodeDecodeError:
@@ -844,8 +848,24 @@ def _run_envscript(request: dict[str, Any]) -> dict[str, Any]:
 
 @lru_cache
 def available_templates(train_python: str) -> tuple[str, ...]:
-    """LLaMA-Factory's template names (asked once per process)."""
-    return tuple(_run_envscript({"mode": "templates"})["templates"])
+    """LLaMA-Factory's template names: asked once per installed LLaMA-Factory version (importing it
+    takes 5–40 s), then read from a cache file in the data dir."""
+    cache = _templates_cache_file(train_python)
+    if cache is not None and cache.exists():
+        return tuple(json.loads(cache.read_text()))
+    names = tuple(_run_envscript({"mode": "templates"})["templates"])
+    if cache is not None:
+        cache.write_text(json.dumps(names))
+    return names
+
+
+def _templates_cache_file(train_python: str) -> Path | None:
+    """Named after the training env's llamafactory dist-info, so an upgrade asks again."""
+    env_root = Path(train_python).parent.parent
+    dist_infos = sorted(env_root.glob("lib/python*/site-packages/llamafactory-*.dist-info"))
+    if not dist_infos:
+        return None
+    return get_settings().path("cache") / f"templates-{dist_infos[-1].name}.json"
 
 
 def templates_or_empty() -> list[str]:

@@ -471,7 +471,7 @@ def report_server(session: Session, server_id: int, report: dict[str, Any]) -> d
                 deployment.status = S.pending
                 session.add(deployment)
                 session.commit()
-                _dispatch_load(session, deployment, server, replace=False)
+                _dispatch_load(session, deployment, server, replace=True)  # also loads a new name
     elif status in ("failed", "stopped"):
         reason = report.get("reason") or ""
         final = S.stopped if status == "stopped" and server.stop_requested else S.failed

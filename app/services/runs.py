@@ -697,12 +697,11 @@ def event_cursor(session: Session, run_id: int) -> int:
 
 
 def _local_output_dir(run: Run) -> Path | None:
-    """The run's output dir where this machine can read it (the embedded worker's run folder,
-    or the path the worker reported when it is on the same file system)."""
-    for candidate in (run.output_dir, run_dir(run.id) / "output"):
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    return None
+    """The run's output dir on this machine: the embedded worker's run folder in the data dir.
+    Never the path a worker reported (a remote worker's paths mean nothing here, and serving
+    whatever path a worker names would let it read the app's files)."""
+    output = run_dir(run.id) / "output"
+    return output if output.is_dir() else None
 
 
 def checkpoints_of(session: Session, run: Run) -> list[dict[str, Any]]:

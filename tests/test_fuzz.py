@@ -1,0 +1,37 @@
+"""Schemathesis against the live panel's OpenAPI schema, authenticated, bounded for CI (about a
+minute and a half, deterministic seed): zero server errors, zero schema violations. The longer
+run is bench/bench_fuzz.py; what is fuzzed and what is skipped (and why) is in tests/fuzzing.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlmodel import select
+
+from tests.fuzzing import fuzz
+from tests.live import LivePanel, live_panel  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("live_panel", [{"worker": False}], indirect=True)
+def test_the_api_survives_the_fuzzer_and_answers_as_its_schema_says(live_panel: LivePanel, tmp_path: Path) -> None:
+    result = fuzz(live_panel, tmp_path / "fuzz", max_examples=3, max_time_s=80, seed=7)
+    report = "\n".join(result.outputs)[-12000:]
+    assert result.clean, report
+    assert result.operations >= 50 and result.test_cases > 100, report
+    assert "Traceback" not in live_panel.log("web", 200_000), live_panel.log("web")
+
+
+def test_the_schema_and_the_docs_need_a_login(anon_client, client, session) -> None:
+    assert anon_client.get("/api/v1/openapi.json").status_code == 401
+    docs = anon_client.get("/api/docs", follow_redirects=False)
+    assert docs.status_code == 303 and docs.headers["location"].startswith("/login")
+    assert client.get("/api/docs").status_code == 200
+    from app.models import User
+    from app.services.users import create_token
+
+    _token, raw = create_token(session, session.exec(select(User)).first(), "schema")
+    schema = anon_client.get("/api/v1/openapi.json", headers={"Authorization": f"Bearer {raw}"})
+    assert schema.status_code == 200 and "/api/v1/runs" in schema.json()["paths"]
