@@ -38,11 +38,15 @@ LOCUSTFILE = Path(__file__).with_name("bench_load_users.py")
 def seed(live_run_id: int, output: Path) -> dict[str, list[int]]:
     """The ids to browse: the live run's rows and a few more, so the lists are not one line long."""
     with Session(get_engine()) as session:
-        config = session.get(TrainConfig, session.get(Run, live_run_id).config_id)
+        live = session.get(Run, live_run_id)
+        config = session.get(TrainConfig, live.config_id)
         run_ids, config_ids, dataset_ids = [live_run_id], [config.id], list(config.dataset_ids)
         for index in range(5):
             dataset_ids.append(dataset_factory(session, f"load-{index}").id)
             run = finished_run_factory(session, str(output / str(index)), "/models/stand-in", name=f"load-{index}")
+            run.lineage = live.lineage  # what the runs service records at start (model, datasets)
+            session.add(run)
+            session.commit()
             run_ids.append(run.id)
             config_ids.append(run.config_id)
     return {"datasets": dataset_ids, "configs": config_ids, "runs": run_ids}
@@ -67,7 +71,7 @@ class Dashboards:
                     async for line in response.aiter_lines():
                         if line and not line.startswith(":"):
                             key, _, value = line.partition(":")
-                            current[key] = value
+                            current[key] = value.strip()
                         elif not line and current:
                             self.events[index] += current.get("event") == "metric"
                             current = {}
@@ -114,7 +118,10 @@ def main() -> int:
             run.append(step, lines)
             time.sleep(max(0.0, started + step / args.rate - time.monotonic()))
         output, _ = locust.communicate(timeout=120)
-        time.sleep(2)  # the last lines reach the dashboards
+        deadline = time.monotonic() + 30  # the last lines reach every dashboard
+        while min(dashboards.events) < lines and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lag_s = time.monotonic() - started - args.seconds
         dashboards.stop.set()
         dashboards.thread.join(timeout=30)
 
@@ -124,14 +131,16 @@ def main() -> int:
     total = rows["Aggregated"]
     complete = sum(1 for count in dashboards.events if count >= lines)
     print(f"{args.users} users browsing for {args.seconds} s + {args.dashboards} live dashboards "
-          f"({args.rate:g} metric lines/s), loopback:")
+          f"({args.rate:g} metric lines/s), loopback; machine load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs:")
     for name, row in rows.items():
         print(f"  {name:28} requests {row['Request Count']:>6}  p50 {row['50%']:>5} ms  p95 {row['95%']:>5} ms  "
               f"errors {row['Failure Count']}")
     print(f"page p95 {total['95%']} ms, p99 {total['99%']} ms, {float(total['Requests/s']):.1f} requests/s, "
           f"page errors {total['Failure Count']}")
     print(f"dashboards: {complete}/{args.dashboards} received all {lines} metric events "
-          f"(min {min(dashboards.events)}), stream errors {len(dashboards.errors)}"
+          f"(min {min(dashboards.events)}; the last {lag_s:.1f} s after the last line was written), "
+          f"stream errors {len(dashboards.errors)}"
           + (f", e.g. {dashboards.errors[0]}" if dashboards.errors else ""))
     return 0 if int(total["Failure Count"]) == 0 and not dashboards.errors and complete == args.dashboards else 1
 

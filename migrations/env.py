@@ -4,9 +4,18 @@ from alembic import context
 from sqlmodel import SQLModel, create_engine
 
 import app.models  # noqa: F401  (registers every table on SQLModel.metadata)
+from app.models.base import UtcDateTime
 
 config = context.config
 target_metadata = SQLModel.metadata
+
+
+def render_item(kind: str, item, _autogen_context):
+    """UtcDateTime only converts in Python: the column is a plain DateTime, and a migration
+    must not import the app."""
+    if kind == "type" and isinstance(item, UtcDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
 
 
 def run_migrations_offline() -> None:
@@ -14,6 +23,7 @@ def run_migrations_offline() -> None:
         url=config.get_main_option("sqlalchemy.url"),
         target_metadata=target_metadata,
         render_as_batch=True,
+        render_item=render_item,
         literal_binds=True,
     )
     with context.begin_transaction():
@@ -30,7 +40,8 @@ def run_migrations_online() -> None:
 
 
 def _run(connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
+                      render_item=render_item)
     with context.begin_transaction():
         context.run_migrations()
 

@@ -156,6 +156,11 @@ def running_panel(
         redis.Redis.from_url(broker_url).flushdb()
     log_dir.mkdir(parents=True, exist_ok=True)
     token = _admin_token()
+    if not broker_url:  # as `tuneboard up` does: no race on the embedded broker's queue rows
+        from app.settings import get_settings
+        from workers.celery_app import declare_queues, make_celery
+
+        declare_queues(make_celery(get_settings()))
     panel = LivePanel(url, httpx.Client(base_url=url, timeout=30), token, data_dir, process_env, log_dir)
     try:
         panel.start_web()

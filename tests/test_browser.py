@@ -155,18 +155,18 @@ def test_whole_loop_in_a_browser(panel: Panel, browser_page: Page, tmp_path: Pat
     set_up_and_log_in(page, url)
     check_empty_states(page, url)
     dataset_id = upload_dataset(page, url, tmp_path)
-    check_dataset_detail(page, url, dataset_id)
+    check_dataset_detail(page)
     config_id = create_config(page, url, dataset_id)
-    run_id = start_run(page, url, config_id)
-    watch_run_live(page, url, run_id)
+    run_id = start_run(page)
+    watch_run_live(page)
     check_phone_width(page, url, run_id)
     expect_status(page, "succeeded", TRAIN_TIMEOUT_MS)
-    check_run_links(page, url, run_id, config_id, dataset_id)
-    cancel_and_resume_second_run(page, url, run_id)
+    check_run_links(page, config_id, dataset_id)
+    cancel_and_resume_second_run(page, run_id)
     screenshot_runs_list(page, url)
     deployment_id = deploy(page, url, run_id)
-    chat_in_playground(page, url)
-    undeploy(page, url, deployment_id, run_id)
+    chat_in_playground(page)
+    undeploy(page, url, deployment_id)
     screenshot_workers(page, url)
 
 
@@ -247,7 +247,7 @@ def upload_dataset(page: Page, url: str, tmp_path: Path) -> int:
     return int(page.url.rsplit("/", 1)[1])
 
 
-def check_dataset_detail(page: Page, url: str, dataset_id: int) -> None:
+def check_dataset_detail(page: Page) -> None:
     """Preview rows, then token stats and the histogram with the demo model's tokenizer."""
     expect(page.get_by_role("heading", name="numbers_alpaca")).to_be_visible()
     expect(page.locator("dl.kv").first).to_contain_text(str(ROWS))
@@ -264,7 +264,7 @@ def check_dataset_detail(page: Page, url: str, dataset_id: int) -> None:
     expect(page.locator("#tokens pre.rendered mark")).to_contain_text("zero")  # the trained-on response
     histogram.scroll_into_view_if_needed()
     page.evaluate("() => window.scrollBy(0, 200)")
-    shoot(page, "dataset-detail")
+    shoot(page, "dataset-detail", from_top=False)
 
 
 def create_config(page: Page, url: str, dataset_id: int) -> int:
@@ -276,17 +276,17 @@ def create_config(page: Page, url: str, dataset_id: int) -> int:
     page.check(f"#dataset-{dataset_id}")
     values = {
         "gpus": "0", "template": "qwen", "cutoff_len": "64", "max_samples": "", "preprocessing_num_workers": "1",
-        "dataloader_num_workers": "0", "logging_steps": "1", "save_steps": str(SAVE_STEPS), "per_device_train_batch_size": "8",
-        "gradient_accumulation_steps": "1", "learning_rate": "-1", "num_train_epochs": "2", "val_size": "0.1",
-        "per_device_eval_batch_size": "8", "eval_steps": "10",
+        "dataloader_num_workers": "0", "logging_steps": "1", "save_steps": str(SAVE_STEPS),
+        "per_device_train_batch_size": "8", "gradient_accumulation_steps": "1", "learning_rate": "-1",
+        "num_train_epochs": "2", "val_size": "0.1", "per_device_eval_batch_size": "8", "eval_steps": "10",
     }
     for field, value in values.items():
         page.fill(f"#{field}", value)
     page.uncheck("#bf16")
-    page.fill("#advanced", "include_num_input_tokens_seen: true")  # feeds the tokens/s chart
+    advanced = page.input_value("#advanced")  # the form's defaults keep some keys here (do_train)
+    page.fill("#advanced", advanced.rstrip() + "\ninclude_num_input_tokens_seen: true")  # the tokens/s chart
     # The live estimates follow the form (batch 8 × accumulation 1).
     expect(page.locator("#estimates")).to_contain_text(re.compile(r"Effective batch\s*8\b"))
-    page.evaluate("() => window.scrollTo(0, 0)")
     shoot(page, "config-form")
     page.click("#save-config")
     expect(page.locator("#error-learning_rate")).to_be_visible()  # inline, next to the field
@@ -298,13 +298,14 @@ def create_config(page: Page, url: str, dataset_id: int) -> int:
     return int(page.url.rsplit("/", 1)[1])
 
 
-def start_run(page: Page, url: str, config_id: int) -> int:
-    page.click("#start-run button[type=submit]")
+def start_run(page: Page) -> int:
+    """A double click starts one run (the runs list counts them later)."""
+    page.dblclick("#start-run button[type=submit]")
     expect(page).to_have_url(re.compile(r"/runs/\d+$"))
     return int(page.url.rsplit("/", 1)[1])
 
 
-def watch_run_live(page: Page, url: str, run_id: int) -> None:
+def watch_run_live(page: Page) -> None:
     """The loss chart gains points from the event stream while the page stays loaded."""
     page.evaluate("() => { window.__noReload = true; }")
     page.wait_for_function(f"({LOSS_POINTS})() >= 3", timeout=TRAIN_TIMEOUT_MS)
@@ -332,7 +333,7 @@ def check_phone_width(page: Page, url: str, run_id: int) -> None:
         phone.close()
 
 
-def check_run_links(page: Page, url: str, run_id: int, config_id: int, dataset_id: int) -> None:
+def check_run_links(page: Page, config_id: int, dataset_id: int) -> None:
     """The finished run links to its config and datasets, and shows its adapter."""
     expect(page.locator(f"a[href='/configs/{config_id}']").first).to_be_visible()
     expect(page.locator(f"a[href='/datasets/{dataset_id}']").first).to_be_visible()
@@ -342,7 +343,7 @@ def check_run_links(page: Page, url: str, run_id: int, config_id: int, dataset_i
     assert chart_points >= 10, chart_points
 
 
-def cancel_and_resume_second_run(page: Page, url: str, first_run_id: int) -> None:
+def cancel_and_resume_second_run(page: Page, first_run_id: int) -> None:
     """Run the same config again, cancel it from its dashboard after a checkpoint, resume it."""
     page.click("#run-header button:has-text('Run again')")
     expect(page).not_to_have_url(re.compile(rf"/runs/{first_run_id}$"))
@@ -367,14 +368,16 @@ def screenshot_runs_list(page: Page, url: str) -> None:
     page.goto(url + "/runs")
     expect(page.locator("#run-table tbody tr")).to_have_count(2)
     expect(page.locator("#run-table .badge.succeeded")).to_have_count(2)
+    expect(page.locator("#run-table .progress > span[style*='width: 100']")).to_have_count(2)
     check_times_localised(page)
     shoot(page, "runs")
 
 
 def deploy(page: Page, url: str, run_id: int) -> int:
     """One click serves the first run's adapter on vLLM (CPU); the table follows it to ready."""
-    page.goto(url + "/deployments")
-    page.select_option("#deploy-run", value=str(run_id))
+    page.goto(f"{url}/runs/{run_id}")
+    page.click("#run-header a:has-text('Deploy')")
+    expect(page.locator("#deploy-run")).to_have_value(str(run_id))  # the run page's run, preselected
     page.fill("#deploy-name", "numbers")
     page.click("#deploy-form button[type=submit]")
     row = page.locator("#deployments-table tr[id^='deployment-']", has_text="numbers")
@@ -385,7 +388,7 @@ def deploy(page: Page, url: str, run_id: int) -> int:
     return int(row.get_attribute("id").removeprefix("deployment-"))
 
 
-def chat_in_playground(page: Page, url: str) -> None:
+def chat_in_playground(page: Page) -> None:
     """A streamed reply: several chunks arrive, and Send is disabled until the last one."""
     page.click("#deployments-table a:has-text('Chat')")
     expect(page).to_have_url(re.compile(r"/playground\?model=numbers"))
@@ -403,19 +406,20 @@ def chat_in_playground(page: Page, url: str) -> None:
     shoot(page, "playground")
 
 
-def undeploy(page: Page, url: str, deployment_id: int, run_id: int) -> None:
+def undeploy(page: Page, url: str, deployment_id: int) -> None:
     page.goto(url + "/deployments")
     row = page.locator(f"#deployment-{deployment_id}")
     row.locator("button:has-text('Undeploy')").click()
     expect(page.locator(f"#deployment-{deployment_id}")).to_have_attribute("data-status", "stopped",
                                                                          timeout=SERVE_TIMEOUT_MS)
-    page.goto(f"{url}/playground")
-    expect(page.locator(".empty")).to_contain_text("No model is ready")
+    # The server stops with its last adapter, a moment later: then nothing is left to chat with.
+    reload_until(page, f"{url}/playground", page.locator(".empty", has_text="No model is ready"))
 
 
 def screenshot_workers(page: Page, url: str) -> None:
     page.goto(url + "/workers")
-    expect(page.locator(".worker-card .badge.ready")).to_have_count(1)
+    expect(page.locator(".worker-card .badge", has_text="online")).to_have_count(1)  # the embedded worker
+    expect(page.locator(".worker-card")).to_contain_text("training env")  # its doctor report
     shoot(page, "workers")
 
 
@@ -424,25 +428,35 @@ def expect_status(page: Page, status: str, timeout_ms: int) -> None:
     expect(page.locator("#run-header [data-status]")).to_have_text(status, timeout=timeout_ms)
 
 
+def reload_until(page: Page, url: str, locator, timeout_s: float = SERVE_TIMEOUT_MS / 1000) -> None:
+    """For a page that does not refresh itself: load it until `locator` is visible."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        page.goto(url)
+        try:
+            expect(locator).to_be_visible(timeout=2000)
+            return
+        except AssertionError:
+            assert time.monotonic() < deadline, f"{locator} not on {url} after {timeout_s} s"
+
+
 def check_times_localised(page: Page) -> None:
     """Every <time> carries an unambiguous UTC instant and shows it in the browser's locale
     (polled: a table that htmx refreshes is localised a moment after each swap)."""
     times = """() => [...document.querySelectorAll("time[datetime]")].map((t) => ({
         iso: t.getAttribute("datetime"), text: t.textContent,
         local: new Date(t.getAttribute("datetime")).toLocaleString() }))"""
-    zoned = r"/(Z|[+-]\d\d:\d\d)$/"
+    all_localised = f"""() => {{ const all = ({times})();
+        return all.length && all.every((t) => /(Z|[+-]\\d\\d:\\d\\d)$/.test(t.iso) && t.text === t.local); }}"""
     try:
-        page.wait_for_function(
-            f"() => {{ const all = ({times})(); return all.length && all.every((t) => {zoned}.test(t.iso) && t.text === t.local); }}",
-            timeout=10_000,
-        )
+        page.wait_for_function(all_localised, timeout=10_000)
     except playwright_api.TimeoutError:
         pytest.fail(f"times not localised on {page.url}: {page.evaluate(times)}")
 
 
-def shoot(page: Page, name: str) -> None:
+def shoot(page: Page, name: str, *, from_top: bool = True) -> None:
     """A viewport screenshot for the README (docs/screenshots/NAME.png)."""
-    page.evaluate("() => document.activeElement?.blur()")
+    page.evaluate(f"() => {{ document.activeElement?.blur(); if ({str(from_top).lower()}) window.scrollTo(0, 0); }}")
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), animations="disabled", caret="hide")
 
 

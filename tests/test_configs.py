@@ -377,3 +377,13 @@ def test_imported_dataset_names_resolve_or_are_kept(client, session) -> None:
     assert client.put(f"/api/v1/configs/{config['id']}", json=config).status_code == 200
     edit = client.get(f"/configs/{config['id']}/edit")
     assert "alpaca_en_demo" in edit.text and "not registered" in edit.text
+
+
+def test_an_emptied_advanced_box_still_trains(client, registered) -> None:
+    """do_train has no field of its own: clearing the advanced lines must not make an eval-only run."""
+    fields = form_fields(client)
+    fields.update(name="no-advanced", dataset_ids=[str(registered["dataset_id"])], advanced="")
+    created = client.post("/configs/new", data=fields, follow_redirects=False)
+    assert created.status_code == 303, created.text
+    args = yaml.safe_load(client.get(created.headers["location"].replace("/configs/", "/api/v1/configs/") + "/yaml").text)
+    assert args["do_train"] is True and args["stage"] == "sft"

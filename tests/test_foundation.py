@@ -45,3 +45,18 @@ def test_migrations_match_the_models(client) -> None:
 def test_home_leads_to_the_runs(client) -> None:
     response = client.get("/", follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == "/runs"
+
+
+def test_docker_compose_has_redis_web_and_a_gpu_worker_on_one_volume() -> None:
+    import yaml
+
+    from app.settings import PROJECT_ROOT
+
+    compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"redis", "web", "gpu-worker"}
+    worker = services["gpu-worker"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and worker["build"]["args"]["FLAVOUR"] == "cuda"
+    assert "tuneboard-data:/data" in services["web"]["volumes"] == worker["volumes"]
+    assert worker["environment"]["TUNEBOARD_BROKER_URL"] == "redis://redis:6379/0"

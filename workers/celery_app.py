@@ -53,6 +53,17 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
+def declare_queues(celery: Celery) -> None:
+    """Create every queue up front. With the embedded transport, two processes declaring the same
+    queue at once race on a UNIQUE row (the loser's worker dies), so `tuneboard up` declares them
+    before it starts the web app and the worker."""
+    with celery.connection_for_write() as connection:
+        channel = connection.default_channel
+        for name in (TRAIN_QUEUE, SERVE_QUEUE, DEFAULT_QUEUE):
+            celery.amqp.queues.select_add(name)
+            celery.amqp.queues[name](channel).declare()
+
+
 celery_app = make_celery(get_settings())
 
 # Worker-side signal handlers (they never fire in the web process).

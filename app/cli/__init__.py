@@ -48,6 +48,9 @@ def up(
     if "app_url" not in settings.model_fields_set:  # the embedded worker reports to this very app
         local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         os.environ["TUNEBOARD_APP_URL"] = f"http://{local}:{port}"
+    from workers.celery_app import celery_app, declare_queues
+
+    declare_queues(celery_app)
     supervisor = Supervisor()
     supervisor.start("web", _web_command(host, port))
     supervisor.start("worker", _worker_command("train,serve,default", 4, "embedded@%h"))

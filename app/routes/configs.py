@@ -18,6 +18,7 @@ from app.services import llamafactory_params as catalogue
 from app.services.configs import ConfigError, TrainConfigInput
 from app.services.datasets import list_datasets, templates_or_empty
 from app.services.model_registry import list_models
+from app.services.workers import gpu_capacity_problem
 from app.templating import is_htmx, render
 
 router = APIRouter(tags=["configs-pages"], include_in_schema=False)
@@ -232,7 +233,9 @@ async def import_config_form(request: Request, session: SessionDep):
 
 @router.get("/configs/new")
 def new_config_page(request: Request, session: SessionDep):
-    data = TrainConfigInput(name="")
+    # A panel with a GPU worker online starts from the recommended GPU defaults.
+    gpus = 1 if gpu_capacity_problem(session, 1) is None else 0
+    data = TrainConfigInput(name="", gpus=gpus, params=catalogue.default_params(gpus))
     models = list_models(session)
     if len(models) == 1:
         data.model_id = models[0].id

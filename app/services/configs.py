@@ -133,7 +133,10 @@ def form_to_input(form: dict[str, Any], advanced: dict[str, Any]) -> TrainConfig
     # LLaMA-Factory's flag is the negation: gradient checkpointing is on unless disabled.
     if form.get("gradient_checkpointing") is None:
         params["disable_gradient_checkpointing"] = True
-    for key, value in advanced.items():
+    # Arguments the form has no field for keep their defaults (do_train: true) unless an advanced
+    # line says otherwise: clearing the advanced box must not turn a training run into an eval.
+    hidden_defaults = {p.name: p.default for p in catalogue.PARAMS if not p.in_form and p.default is not None}
+    for key, value in {**hidden_defaults, **advanced}.items():
         if key in params:
             continue  # the form's own field wins over a duplicate advanced line
         params[key] = value

@@ -21,6 +21,7 @@ import posixpath
 import re
 import shutil
 import subprocess
+import threading
 import tempfile
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -846,17 +847,23 @@ def _run_envscript(request: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
+# A burst of page views on a cold cache would each start the training env (36 at once under
+# bench/bench_load.py): the first asks, the others wait for its cache file.
+_templates_lock = threading.Lock()
+
+
 @lru_cache
 def available_templates(train_python: str) -> tuple[str, ...]:
     """LLaMA-Factory's template names: asked once per installed LLaMA-Factory version (importing it
     takes 5–40 s), then read from a cache file in the data dir."""
-    cache = _templates_cache_file(train_python)
-    if cache is not None and cache.exists():
-        return tuple(json.loads(cache.read_text()))
-    names = tuple(_run_envscript({"mode": "templates"})["templates"])
-    if cache is not None:
-        cache.write_text(json.dumps(names))
-    return names
+    with _templates_lock:
+        cache = _templates_cache_file(train_python)
+        if cache is not None and cache.exists():
+            return tuple(json.loads(cache.read_text()))
+        names = tuple(_run_envscript({"mode": "templates"})["templates"])
+        if cache is not None:
+            cache.write_text(json.dumps(names))
+        return names
 
 
 def _templates_cache_file(train_python: str) -> Path | None:

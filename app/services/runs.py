@@ -656,6 +656,9 @@ async def watch_lost_runs(interval_s: float = LOST_SWEEP_INTERVAL_S) -> AsyncIte
     """The app's background sweep (started in its lifespan)."""
 
     async def sweep_forever() -> None:
+        # Workers cannot report while the app is down: after a (re)start, give them one timeout
+        # to get through before calling anyone silent.
+        await asyncio.sleep(get_settings().heartbeat_timeout_s)
         while True:
             try:
                 await anyio.to_thread.run_sync(_sweep_once)

@@ -45,6 +45,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from app.services.llamafactory_params import GPU_DEFAULTS  # noqa: E402
+
 POLL_S = 0.02
 DATASET = "alpaca_bench"
 
@@ -59,11 +61,11 @@ COMMON: dict[str, Any] = {
     "include_num_input_tokens_seen": "non_padding", "seed": 42,
 }
 USUAL = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 8}
-# The panel's recommended GPU defaults: packed sequences, no activation recomputation, Liger's fused
-# kernels; 4 packed sequences × 3 accumulation ≈ the usual 32 × ~410 tokens per optimizer step, so
-# the loss curves compare at equal tokens and equal steps per token.
-RECOMMENDED = {"packing": True, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 3,
-               "disable_gradient_checkpointing": True, "enable_liger_kernel": True}
+# The panel's recommended GPU defaults (the form's, app/services/llamafactory_params.py): packed
+# sequences, no activation recomputation, Liger's fused kernels; 4 packed sequences × 3 accumulation
+# ≈ the usual 32 × ~425 tokens per optimizer step, so the loss curves compare at equal tokens and
+# equal steps per token.
+RECOMMENDED = dict(GPU_DEFAULTS)
 # The same 12 packed sequences per optimizer step in one micro-batch: what fills the card on a small model.
 SMALL_MODEL = {"per_device_train_batch_size": 12, "gradient_accumulation_steps": 1}
 
@@ -152,6 +154,7 @@ def phase_setup(env: Env, shapes: list[str], rows: int) -> None:
     stats = subprocess.Popen(
         [env.train_python, str(ROOT / "bench/gpu/token_stats.py"), str(env.model("tiny")), str(data_dir), DATASET,
          str(COMMON["cutoff_len"])], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # LLaMA-Factory refuses several GPUs without torchrun
     )
     if not env.smoke:
         log("bf16 matmul 8192³")
@@ -358,7 +361,7 @@ def panel_config(env: Env, shape: str, params: dict[str, Any], gpus: int, name: 
     from sqlmodel import Session, select
 
     from app.db import get_engine
-    from app.models import ModelEntry, TrainConfig
+    from app.models import Dataset, ModelEntry, TrainConfig
     from tests.factories import dataset_factory
 
     rows = json.loads((env.assets / "data" / f"{DATASET}.json").read_text())
@@ -369,7 +372,8 @@ def panel_config(env: Env, shape: str, params: dict[str, Any], gpus: int, name: 
             model = ModelEntry(name=f"{shape}-model", path=path, model_type="qwen2")
             session.add(model)
             session.commit()
-        dataset = dataset_factory(session, f"{name}-data", rows)
+        # One upload of the bench data per panel (the app refuses the same file twice).
+        dataset = session.exec(select(Dataset)).first() or dataset_factory(session, f"{name}-data", rows)
         config = TrainConfig(name=name, model_id=model.id, dataset_ids=[dataset.id], gpus=gpus,
                              params={**COMMON, **params})
         session.add(config)
