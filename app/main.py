@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from sqlmodel import Session
@@ -69,6 +69,11 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
+async def _number_out_of_range(_request: Request, _error: Exception) -> JSONResponse:
+    """SQLite integers are 64-bit: a larger id or number (found by the fuzzer) names nothing."""
+    return JSONResponse({"detail": "a number in the request is out of range (at most 2^63 - 1)"}, status_code=422)
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(
@@ -82,6 +87,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.add_exception_handler(OverflowError, _number_out_of_range)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(health.router)
     app.include_router(gateway.router, responses=GATEWAY_ERRORS)  # OpenAI-compatible: its own key auth, not the login

@@ -8,7 +8,6 @@ tests/test_datasets.py::test_a_write_error_stores_nothing (507, nothing register
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -265,15 +264,7 @@ def test_restarting_redis_mid_run_loses_and_duplicates_no_metric(
         assert_metrics_complete(run_id, done, panel.data_dir / "runs" / str(run_id))
 
         # The worker reconnected: a run queued after the restart reaches it and trains.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            panel.processes["worker"].wait(timeout=5)  # a crashed worker exits once its task is done
-        if panel.processes["worker"].poll() is not None:
-            # Found by this test: on the connection loss, Celery 5.7.0 closes the broken connection
-            # and kombu 5.7.0's Redis channel, restoring the unacked (acks_late) training task,
-            # raises AttributeError ('NoneType' object has no attribute 'hostname'): "Unrecoverable
-            # error"; the worker finishes its running task, then exits.
-            pytest.xfail("the Celery worker exits after a Redis restart while a task runs "
-                         f"(celery/kombu 5.7.0):\n{panel.log(chars=1500)}")
+        assert panel.processes["worker"].poll() is None, panel.log(chars=1500)
         with Session(get_engine()) as session:
             first = session.get(TrainConfig, done["config_id"])
             quick = TrainConfig(name="after-restart", model_id=first.model_id, dataset_ids=first.dataset_ids,

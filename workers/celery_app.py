@@ -34,8 +34,8 @@ def make_celery(settings: Settings) -> Celery:
 
         Transport.polling_interval = 0.1
     else:
-        # A training task runs for hours; redelivery after this timeout is expected and
-        # handled by the app (a run is claimed once per attempt), never by starting twice.
+        # Redelivery of a message held longer than this is still possible (prefetched ones);
+        # the app claims a run once per attempt, so a redelivered task never starts twice.
         transport_options["visibility_timeout"] = 3600
     celery.conf.update(
         broker_transport_options=transport_options,
@@ -43,7 +43,11 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_max_retries=None,
         task_default_queue=DEFAULT_QUEUE,
         task_ignore_result=True,
-        task_acks_late=True,
+        # Acknowledged on receipt: a training task runs for hours, and an unacknowledged one is
+        # what kombu 5.7's Redis channel fails to restore when the connection drops ("Unrecoverable
+        # error", the worker exits: tests/test_faults.py). A worker that dies mid-run loses its run
+        # to the heartbeat check instead (→ lost, retry), and the claim still guards any duplicate.
+        task_acks_late=False,
         task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
         worker_hijack_root_logger=False,

@@ -102,15 +102,9 @@ class RunPublic(SQLModel):
     heartbeat_at: datetime | None
 
 
-class RunMetric(SQLModel, table=True):
-    """One point per step: train and eval lines of the same step are merged, and a step logged
-    again after a resume replaces the earlier point."""
+class MetricPoint(SQLModel):
+    """One logged step as a worker reports it (fields unknown at that step stay None)."""
 
-    __table_args__ = (UniqueConstraint("run_id", "step"),)
-
-    id: int | None = Field(default=None, primary_key=True)
-    run_id: int = Field(foreign_key="run.id", index=True, ondelete="CASCADE")
-    attempt: int = 1
     step: int
     epoch: float | None = None
     loss: float | None = None
@@ -122,6 +116,17 @@ class RunMetric(SQLModel, table=True):
     gpu_util: float | None = None
     gpu_mem_mib: float | None = None
     elapsed_s: float | None = None
+
+
+class RunMetric(MetricPoint, table=True):
+    """One point per step: train and eval lines of the same step are merged, and a step logged
+    again after a resume replaces the earlier point."""
+
+    __table_args__ = (UniqueConstraint("run_id", "step"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="run.id", index=True, ondelete="CASCADE")
+    attempt: int = 1
 
 
 class RunEvent(SQLModel, table=True):

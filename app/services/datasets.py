@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from fastapi import HTTPException, Request, status
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -390,7 +391,10 @@ class _MultipartUpload:
         })
 
     def feed(self, chunk: bytes) -> None:
-        self.parser.write(chunk)
+        try:
+            self.parser.write(chunk)
+        except MultipartParseError as exc:  # found by the fuzzer: was a 500
+            raise DatasetError(status.HTTP_400_BAD_REQUEST, f"malformed multipart body: {exc}") from None
 
     def _on_part_begin(self) -> None:
         self._headers = {}

@@ -30,6 +30,7 @@ from sqlmodel import Session, col, delete, func, select
 from app.db import get_engine
 from app.models import Dataset, Deployment, ModelEntry, Run, RunEvent, RunLogLine, RunMetric, RunStatus, TrainConfig
 from app.models.base import as_utc, utcnow
+from app.models.run import MetricPoint
 from app.services import configs as config_service
 from app.services.datasets import dataset_info_for, run_file_name
 from app.services.run_events import hub
@@ -66,10 +67,7 @@ ARTIFACT_NAMES = frozenset({
     "eval_results.json", "trainer_log.jsonl",
 })
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-METRIC_FIELDS = (
-    "epoch", "loss", "eval_loss", "learning_rate", "tokens_per_s", "total_tokens", "grad_norm",
-    "gpu_util", "gpu_mem_mib", "elapsed_s",
-)
+METRIC_FIELDS = tuple(name for name in MetricPoint.model_fields if name != "step")
 REASON_MAX_CHARS = 8000
 
 
@@ -111,20 +109,6 @@ class ProgressReport(BaseModel):
     remaining_time: float | None = None
 
 
-class MetricReport(BaseModel):
-    step: int
-    epoch: float | None = None
-    loss: float | None = None
-    eval_loss: float | None = None
-    learning_rate: float | None = None
-    tokens_per_s: float | None = None
-    total_tokens: int | None = None
-    grad_norm: float | None = None
-    gpu_util: float | None = None
-    gpu_mem_mib: float | None = None
-    elapsed_s: float | None = None
-
-
 class LogReport(BaseModel):
     source: str = Field(pattern="^(running_log|stdout)$")
     offset: int
@@ -136,7 +120,7 @@ class EventsRequest(BaseModel):
     worker_id: str
     status: RunStatus | None = None
     progress: ProgressReport | None = None
-    metrics: list[MetricReport] = Field(default_factory=list)
+    metrics: list[MetricPoint] = Field(default_factory=list)
     logs: list[LogReport] = Field(default_factory=list)
 
 
@@ -497,7 +481,7 @@ def _metric_public(metric: RunMetric) -> dict[str, Any]:
     return {"step": metric.step, **{name: getattr(metric, name) for name in METRIC_FIELDS}}
 
 
-def _upsert_metric(session: Session, run: Run, report: MetricReport) -> dict[str, Any] | None:
+def _upsert_metric(session: Session, run: Run, report: MetricPoint) -> dict[str, Any] | None:
     """Merge one reported point into the run's point of that step; the changed point, or None."""
     metric = session.exec(
         select(RunMetric).where(RunMetric.run_id == run.id, RunMetric.step == report.step)
