@@ -29,6 +29,7 @@ test: envs browser
 	$(VENV)/bin/pytest
 
 bench: envs
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	$(VENV)/bin/python bench/run_all.py
 
 clean:

@@ -16,7 +16,9 @@ import time
 
 import httpx
 
-from sse_common import fake_run, parse_sse
+from sse_common import fake_run  # first: it puts the repository on sys.path
+
+from tests.live import parse_sse
 
 
 def main() -> None:

@@ -60,16 +60,3 @@ def fake_run(prefix: str) -> Iterator[FakeRun]:
             yield FakeRun(panel, run_id, output / "trainer_log.jsonl", cursor)
         finally:
             panel.api.post(f"/api/v1/runs/{run_id}/cancel")
-
-
-def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
-    current: dict[str, str] = {}
-    for line in lines:
-        if line.startswith(":"):
-            continue
-        if line:
-            key, _, value = line.partition(":")
-            current[key] = value.removeprefix(" ")
-        elif current:
-            yield current
-            current = {}

@@ -201,3 +201,17 @@ def standalone_panel(root: Path, **options: Any) -> Iterator[LivePanel]:
     get_engine.cache_clear()
     with running_panel(data_dir, root / "logs", **options) as panel:
         yield panel
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+    """Server-sent events as {field: value} dicts (comments, i.e. keep-alives, skipped)."""
+    current: dict[str, str] = {}
+    for line in lines:
+        if line.startswith(":"):
+            continue
+        if line:
+            key, _, value = line.partition(":")
+            current[key] = value.removeprefix(" ")
+        elif current:
+            yield current
+            current = {}

@@ -29,7 +29,7 @@ from app.services.workers import worker_views
 from app.settings import Settings
 from tests.factories import run_config_factory
 from tests.conftest import PROJECT_ROOT
-from tests.live import START_TIMEOUT_S, LivePanel, _admin_token, free_port, live_panel  # noqa: F401
+from tests.live import START_TIMEOUT_S, LivePanel, _admin_token, free_port, live_panel, parse_sse  # noqa: F401
 
 TRAINING_TIMEOUT_S = 300.0
 FINISHED = {"succeeded", "failed", "cancelled", "lost"}
@@ -146,20 +146,11 @@ def follow_events(panel: LivePanel, run_id: int, after: int, restarts: list[floa
             with panel.api.stream("GET", f"/api/v1/runs/{run_id}/events", headers={"Last-Event-ID": last_id},
                                   timeout=httpx.Timeout(10, read=60)) as response:
                 response.raise_for_status()
-                current: dict[str, str] = {}
-                for line in response.iter_lines():
-                    if line.startswith(":"):
-                        continue
-                    if line:
-                        key, _, value = line.partition(":")
-                        current[key] = value.removeprefix(" ")
-                        continue
-                    if current:
-                        events.append(current)
-                        last_id = current.get("id", last_id)
-                        if current.get("event") == "end":
-                            return events
-                    current = {}
+                for event in parse_sse(response.iter_lines()):
+                    events.append(event)
+                    last_id = event.get("id", last_id)
+                    if event.get("event") == "end":
+                        return events
         except (httpx.TransportError, httpx.HTTPStatusError):
             restarts.append(time.monotonic())
             time.sleep(0.3)

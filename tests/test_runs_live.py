@@ -18,7 +18,7 @@ from sqlmodel import Session, select
 from app.db import get_engine
 from app.models import RunMetric
 from tests.factories import run_config_factory
-from tests.live import REDIS_URL, LivePanel, live_panel  # noqa: F401  (the fixture)
+from tests.live import REDIS_URL, LivePanel, live_panel, parse_sse  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -28,22 +28,12 @@ FINISHED = {"succeeded", "failed", "cancelled", "lost"}
 
 def read_stream(client: httpx.Client, url: str, events: list[dict[str, Any]], **headers: str) -> None:
     """Collect a run's server-sent events until the stream's `end`."""
-    current: dict[str, Any] = {}
     with client.stream("GET", url, headers=headers, timeout=httpx.Timeout(30, read=TRAINING_TIMEOUT_S)) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith(":"):
-                continue
-            if line:
-                key, _, value = line.partition(":")
-                current[key] = value.removeprefix(" ")
-                continue
-            if current:
-                current["received_at"] = time.monotonic()
-                events.append(current)
-                if current.get("event") == "end":
-                    return
-            current = {}
+        for event in parse_sse(response.iter_lines()):
+            events.append({**event, "received_at": time.monotonic()})
+            if event.get("event") == "end":
+                return
 
 
 @pytest.mark.parametrize("live_panel", [REDIS_URL], indirect=True)

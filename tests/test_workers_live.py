@@ -52,16 +52,14 @@ def test_the_embedded_worker_shows_its_cpu_only_doctor_report(live_panel) -> Non
                          indirect=True)
 def test_a_remote_worker_appears_within_seconds_and_greys_out_when_killed(live_panel) -> None:
     env = {**live_panel.env, "TUNEBOARD_BROKER_URL": "redis://unused:1/0"}  # --broker must win
-    started = time.monotonic()
     worker = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker", "--broker", REDIS_URL, "--gpus", "none",
          "--queues", "train", "--name", "remote@gpubox"],
         env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
-        online = _wait_for(lambda: (w := _worker(live_panel, "remote@")) and w["online"] and w, 60,
-                           "the remote worker to check in")
-        appeared_after = time.monotonic() - started
+        online = _wait_for(lambda: (w := _worker(live_panel, "remote@")) and w["online"] and w, 20,
+                           "the remote worker to check in within seconds")
         assert online["queues"] == ["train"] and online["hostname"]
         assert 'data-worker="remote@gpubox"' in live_panel.api.get("/workers").text
         os.killpg(worker.pid, signal.SIGKILL)  # no goodbye: it just goes silent
@@ -73,7 +71,6 @@ def test_a_remote_worker_appears_within_seconds_and_greys_out_when_killed(live_p
         assert time.monotonic() - killed <= 4 + 5  # the heartbeat timeout, plus a poll or two
         page = live_panel.api.get("/workers").text
         assert 'worker-card offline" data-worker="remote@gpubox"' in page
-        print(f"remote worker online after {appeared_after:.1f}s")
     finally:
         if worker.poll() is None:
             os.killpg(worker.pid, signal.SIGKILL)
