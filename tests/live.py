@@ -38,6 +38,13 @@ from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, PROJECT_ROOT, log_in
 # The runs-app tests' own Redis database (flushed when a panel starts on it).
 REDIS_URL = "redis://127.0.0.1:6379/11"
 START_TIMEOUT_S = 60.0
+# Debian's Chromium, never a browser a tool downloads; headless (Playwright's default), and kept off
+# the network this machine does not have.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-quic", "--no-first-run", "--disable-sync",
+]
 
 
 def free_port() -> int:

@@ -26,21 +26,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, PROJECT_ROOT
-from tests.live import free_port
-
-playwright_api = pytest.importorskip("playwright.sync_api")
-expect = playwright_api.expect
-Page = playwright_api.Page
+from tests.live import CHROMIUM, CHROMIUM_ARGS, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-quic", "--no-first-run", "--disable-sync",
-]
 SCREENSHOTS = PROJECT_ROOT / "docs" / "screenshots"
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
@@ -131,9 +124,8 @@ def _healthy(url: str) -> bool:
 
 @pytest.fixture
 def browser_page() -> Iterator[Page]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: `make browser` installs Debian's Chromium")
-    with playwright_api.sync_playwright() as playwright:
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `make browser` installs Debian's Chromium"
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         # A locale and time zone unlike the server's (UTC), so localised times are visible.
         context = browser.new_context(viewport=DESKTOP, locale="de-DE", timezone_id="Europe/Berlin")
@@ -450,7 +442,7 @@ def check_times_localised(page: Page) -> None:
         return all.length && all.every((t) => /(Z|[+-]\\d\\d:\\d\\d)$/.test(t.iso) && t.text === t.local); }}"""
     try:
         page.wait_for_function(all_localised, timeout=10_000)
-    except playwright_api.TimeoutError:
+    except PlaywrightTimeout:
         pytest.fail(f"times not localised on {page.url}: {page.evaluate(times)}")
 
 

@@ -126,6 +126,8 @@ def test_browser_upload_with_progress_column_mapping_and_errors(live_server, tmp
     the token histogram and the rendered row appear for the tiny model."""
     from playwright.sync_api import expect, sync_playwright
 
+    from tests.live import CHROMIUM, CHROMIUM_ARGS
+
     port, _ = live_server
     url = f"http://127.0.0.1:{port}"
     with Session(get_engine()) as session:
@@ -136,7 +138,7 @@ def test_browser_upload_with_progress_column_mapping_and_errors(live_server, tmp
     latin = tmp_path / "latin.json"
     latin.write_bytes('[{"instruction": "caf\xe9", "output": "ok"}]'.encode("latin-1"))
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(f"{url}/login")
         page.fill("input[name=username]", "admin")

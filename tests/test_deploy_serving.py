@@ -262,8 +262,10 @@ def test_from_the_browser_deploy_chat_and_a_killed_server(panel, runs):
     then kill vLLM under the live deployment: the page shows it failed with the log tail."""
     from playwright.sync_api import expect, sync_playwright
 
+    from tests.live import CHROMIUM, CHROMIUM_ARGS
+
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(f"{panel.url}/login")
         page.fill("input[name=username]", "admin")
