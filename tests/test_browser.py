@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ from tests.live import CHROMIUM, CHROMIUM_ARGS, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-SCREENSHOTS = PROJECT_ROOT / "docs" / "screenshots"
+# The README's screenshots: `TUNEBOARD_SCREENSHOTS=docs/screenshots pytest tests/test_browser.py`
+# refreshes them; otherwise they go to a temporary folder, so a test run leaves the tree clean.
+SCREENSHOTS = Path(os.environ.get("TUNEBOARD_SCREENSHOTS") or tempfile.mkdtemp(prefix="tuneboard-screenshots-"))
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -447,7 +450,7 @@ def check_times_localised(page: Page) -> None:
 
 
 def shoot(page: Page, name: str, *, from_top: bool = True) -> None:
-    """A viewport screenshot for the README (docs/screenshots/NAME.png)."""
+    """A viewport screenshot (SCREENSHOTS/NAME.png; the README shows docs/screenshots/)."""
     page.evaluate(f"() => {{ document.activeElement?.blur(); if ({str(from_top).lower()}) window.scrollTo(0, 0); }}")
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), animations="disabled", caret="hide")
 
