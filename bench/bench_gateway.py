@@ -38,12 +38,12 @@ def build_adapter(work: Path) -> tuple[Path, Path]:
 
     import yaml
 
+    from app.demo import build_demo_model
     from app.settings import get_settings
 
     settings = get_settings()
     model = work / "tiny-model"
-    subprocess.run([settings.train_python, str(ROOT / "workers/envscripts/demo_model.py"), str(model)],
-                   check=True, capture_output=True)
+    build_demo_model(model)
     rows = [{"instruction": f"你是谁？({i})", "input": "", "output": "我是Tuneboard演示助手。"} for i in range(16)]
     (work / "data.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     (work / "dataset_info.json").write_text(json.dumps({"tiny": {"file_name": "data.json"}}))
