@@ -16,13 +16,14 @@ from sqlmodel import Session
 from app.auth import require_user, require_worker
 from app.db import get_engine, migrate
 from app.demo import install_demo
-from app.routes import auth, configs, datasets, deployments, gateway, health, home, models, runs, workers
-from app.services.runs import watch_lost_runs
+from app.routes import artifacts, auth, configs, datasets, deployments, gateway, health, home, models, runs, workers
+from app.security import warn_if_login_needs_https
+from app.services.scheduler import run_scheduler
 from app.settings import STATIC_DIR, get_settings
 
 # Each area module has `router` (pages) and `api_router` (/api/v1), both behind login, and
 # may have `internal_router` (/internal/v1, the worker channel, behind the worker token).
-AREAS = (datasets, configs, models, runs, deployments, workers, auth)
+AREAS = (datasets, configs, models, runs, artifacts, deployments, workers, auth)
 
 
 class ApiError(BaseModel):
@@ -62,11 +63,21 @@ GATEWAY_ERRORS: dict[int | str, dict[str, Any]] = {
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     migrate()
+    warn_if_login_needs_https(get_settings())
     if get_settings().demo:
         with Session(get_engine()) as session:
             install_demo(session)
-    async with watch_lost_runs():
+    async with run_scheduler():
         yield
+
+
+async def _not_text(_request: Request, error: Exception) -> JSONResponse:
+    """A JSON string with a lone surrogate escape ("\\udc00") parses into a str that cannot be
+    stored as UTF-8: the request's text is at fault, not the server."""
+    if "surrogates not allowed" not in str(error):
+        raise error
+    return JSONResponse({"detail": "the request holds an invalid Unicode escape (a lone surrogate such as \\udc00):"
+                                   " it is not text and was not stored"}, status_code=422)
 
 
 async def _number_out_of_range(_request: Request, _error: Exception) -> JSONResponse:
@@ -88,6 +99,7 @@ def create_app() -> FastAPI:
     )
     app.state.settings = settings
     app.add_exception_handler(OverflowError, _number_out_of_range)
+    app.add_exception_handler(UnicodeEncodeError, _not_text)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(health.router)
     app.include_router(gateway.router, responses=GATEWAY_ERRORS)  # OpenAI-compatible: its own key auth, not the login

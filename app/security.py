@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import unicodedata
@@ -17,7 +18,9 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import Request, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from app.settings import Environment, get_settings
+from app.settings import Environment, Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- passwords
 
@@ -100,16 +103,37 @@ def read_session(request: Request) -> dict[str, Any]:
     return data
 
 
+def cookies_need_https(settings: Settings) -> bool:
+    """Whether the session cookie is Secure even on a plain-http request: in prod, unless
+    TUNEBOARD_ALLOW_HTTP says that http is meant."""
+    return settings.environment == Environment.prod and not settings.allow_http
+
+
+def login_needs_https(request: Request) -> bool:
+    """A plain-http request to a panel whose session cookie is Secure: the browser drops the cookie,
+    so logging in bounces back to the login page."""
+    return request.url.scheme != "https" and cookies_need_https(get_settings())
+
+
+def warn_if_login_needs_https(settings: Settings) -> None:
+    """At start-up: say that a browser can only log in over HTTPS (the panel cannot tell whether a
+    TLS proxy is in front of it until a request comes)."""
+    if cookies_need_https(settings):
+        log.warning(
+            "TUNEBOARD_ENVIRONMENT=prod: session cookies are Secure, so browsers can log in only over HTTPS."
+            " Serve the panel behind TLS (deploy/Caddyfile) or set TUNEBOARD_ALLOW_HTTP=true for plain http."
+        )
+
+
 def write_session(request: Request, response: Response, data: dict[str, Any]) -> None:
     request.state.session_data = data
-    settings = get_settings()
     response.set_cookie(
         SESSION_COOKIE,
         _session_serializer().dumps(data),
         max_age=SESSION_MAX_AGE_S,
         httponly=True,
         samesite="lax",
-        secure=request.url.scheme == "https" or settings.environment == Environment.prod,
+        secure=request.url.scheme == "https" or cookies_need_https(get_settings()),
     )
 
 

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     # in the data dir), so the panel runs with no Redis. Set redis://… for remote workers.
     broker_url: str | None = None
     secret_key: str = DEV_SECRET
+    # In prod the session cookie is Secure (sent over HTTPS only), so a login over plain http does not
+    # stick. True keeps it usable over http: only on a network you trust, or behind a TLS proxy.
+    allow_http: bool = False
     # Shared secret of the worker → app channel; derived from secret_key when unset.
     internal_token: str | None = None
     # Where workers send reports (the app's own URL as seen from a worker).
@@ -67,10 +70,31 @@ class Settings(BaseSettings):
     serve_max_model_len: int = 2048
     serve_ready_timeout_s: float = 300.0
 
+    # A worker's capacity, advertised in its heartbeats (the panel schedules against it): runs
+    # on the CPU at once (None: 1 on a machine without GPUs, else 0) and inference servers at once.
+    worker_cpu_slots: int | None = None
+    worker_serve_slots: int = 1
+    # The address the panel reaches this worker's inference servers at. None: 127.0.0.1 when the
+    # panel is on this machine, else this machine's address on the route to the panel.
+    advertise_host: str | None = None
+    # A dispatched run or server whose claim has not arrived by then is dispatched again.
+    dispatch_timeout_s: float = 30.0
+
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 30.0
     # Grace between SIGABRT (LLaMA-Factory saves and stops) and SIGTERM/SIGKILL.
     cancel_grace_s: float = 60.0
+
+    # Where checkpoints and adapters are kept: "" = <data dir>/artifacts/blobs; or an S3-compatible
+    # bucket, s3://bucket/prefix?endpoint_url=http://host:9000&region=us-east-1 (credentials from
+    # the AWS_* variables boto3 reads). Workers always go through the panel.
+    artifact_store: str = ""
+    # Checkpoints a run keeps besides its best one (lowest eval loss) and its adapter; at least
+    # one, the newest, which a resume starts from.
+    keep_checkpoints: int = Field(default=3, ge=1)
+    # An unreferenced blob or staged upload younger than this is left alone by the collector: its
+    # manifest may be on its way.
+    artifact_gc_grace_s: float = 3600.0
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> "Settings":

@@ -4,10 +4,10 @@
                                             [--broker redis://127.0.0.1:6379/15 | embedded]
 
 Builds the tiny demo model and trains a LoRA adapter on it (llamafactory-cli, ~1 min), starts
-the web app and a serving worker on a temp data dir, deploys the adapter (timing the click →
-ready), then runs the same streaming load (`--requests` chat completions, `--concurrency` at a
-time, exactly `--max-tokens` tokens each via ignore_eos) alternately against vLLM's own URL and
-through the gateway, `--rounds` times each. Reports completion tokens/s of each path, their ratio
+the web app and a serving worker on a temp data dir, registers the model and deploys the adapter
+(timing the click → ready), then runs the same streaming load (`--requests` chat completions,
+`--concurrency` at a time, exactly `--max-tokens` tokens each via ignore_eos) alternately against
+vLLM's own URL (with the server's secret, read from the panel's database) and through the gateway, `--rounds` times each. Reports completion tokens/s of each path, their ratio
 (target ≥ 0.95), and the p50 time to first token and p50 request time of each (the gateway's
 added latency is the difference). Prints one JSON object at the end.
 """
@@ -123,6 +123,7 @@ def main() -> None:
         panel = Panel(work, None if args.broker == "embedded" else args.broker)
         panel.start()
         try:
+            panel.register_model(model)  # the worker holds it: the panel schedules the server there
             run_id = panel.run(adapter, model, "bench").id
             clicked = time.perf_counter()
             created = panel.client.post("/api/v1/deployments", json={"run_id": run_id, "name": "bench-chat"}).json()
@@ -131,7 +132,9 @@ def main() -> None:
             assert deployment["status"] == "ready", deployment["server"]["log_tail"]
             print(f"deploy click → ready: {ready_s:.1f} s", file=sys.stderr)
             server_url = deployment["server"]["url"]
-            direct = (f"{server_url}/v1/chat/completions", {}, deployment["lora_name"])
+            # vLLM itself wants the server's secret (the gateway sends it); a caller's key is no use there.
+            secret = {"Authorization": f"Bearer {panel.server_secret(deployment['server']['id'])}"}
+            direct = (f"{server_url}/v1/chat/completions", secret, deployment["lora_name"])
             gateway = (f"{panel.url}/v1/chat/completions", {"Authorization": f"Bearer {panel.key}"}, "bench-chat")
             asyncio.run(load(*direct, argparse.Namespace(**{**vars(args), "requests": args.concurrency})))  # warm-up
             rounds: dict[str, list[dict]] = {"direct": [], "gateway": []}

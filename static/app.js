@@ -11,9 +11,10 @@ document.addEventListener("htmx:afterRequest", (event) => {
   const button = el.matches("button") ? el : el.querySelector?.("button[type=submit], button:not([type])");
   if (button) { button.disabled = false; button.removeAttribute("aria-busy"); }
 });
-// Plain forms too: one submit only.
+// Plain forms too: one submit only; a destructive one (data-confirm) asks first, as hx-confirm does.
 document.addEventListener("submit", (event) => {
   const form = event.target;
+  if (form.dataset.confirm && !window.confirm(form.dataset.confirm)) { event.preventDefault(); return; }
   if (form.hasAttribute("hx-post") || form.hasAttribute("hx-put") || form.hasAttribute("data-no-lock")) return;
   form.querySelectorAll("button[type=submit], button:not([type])").forEach((b) => { b.disabled = true; b.setAttribute("aria-busy", "true"); });
 });
@@ -37,3 +38,8 @@ document.addEventListener("click", (event) => {
   navigator.clipboard?.writeText(source.value ?? source.textContent);
   button.textContent = "Copied";
 });
+
+// A page or a form fragment that comes back with refused fields puts the cursor in the first one.
+const FIRST_REFUSED = "[aria-invalid='true'], [data-autofocus]";
+document.addEventListener("DOMContentLoaded", () => document.querySelector(`main :is(${FIRST_REFUSED})`)?.focus());
+document.addEventListener("htmx:afterSettle", (event) => event.detail.elt?.querySelector?.(FIRST_REFUSED)?.focus());

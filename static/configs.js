@@ -1,4 +1,5 @@
-// The config form: max_samples presets and the template suggested by the chosen model.
+// The config form: max_samples presets, the template suggested by the chosen model, Enter that
+// does not save, and refused fields marked as the form changes.
 document.addEventListener("click", (event) => {
   const preset = event.target.closest("[data-max-samples]");
   if (!preset) return;
@@ -24,4 +25,44 @@ document.addEventListener("DOMContentLoaded", () => {
   const template = document.getElementById("template");
   if (template && template.value) template.dataset.touched = "1"; // keep a saved or imported choice
   showSuggestedTemplate();
+});
+
+// Enter in a one-line field would submit the whole form (saving a half-filled config): only the
+// Save button saves. Enter still works in the Advanced box (a new line) and on buttons.
+document.addEventListener("keydown", (event) => {
+  if (event.key !== "Enter" || !event.target.closest?.("#config-form")) return;
+  if (event.target.matches("input:not([type=checkbox]):not([type=radio]):not([type=submit]):not([type=button]), select")) {
+    event.preventDefault();
+  }
+});
+
+// Red border and aria-invalid on every field something refuses: the panel's checks (the estimates
+// fragment's data-invalid) and LLaMA-Factory's (a non-empty lf-error-NAME under the field).
+function markInvalidFields() {
+  const form = document.getElementById("config-form");
+  const estimates = document.getElementById("estimates");
+  if (!form || !estimates) return;
+  const invalid = new Set(JSON.parse(estimates.dataset.invalid || "[]"));
+  form.querySelectorAll(".field-error[id^='lf-error-']").forEach((el) => {
+    if (el.textContent.trim()) invalid.add(el.id.slice("lf-error-".length));
+  });
+  form.querySelectorAll("input[name], select[name], textarea[name]").forEach((field) => {
+    const name = field.name;
+    if (invalid.has(name)) {
+      field.setAttribute("aria-invalid", "true");
+      const message = document.getElementById(`error-${name}`) || document.getElementById(`lf-error-${name}`);
+      if (message) field.setAttribute("aria-describedby", message.id);
+    } else if (field.getAttribute("aria-invalid")) {
+      field.removeAttribute("aria-invalid");
+    }
+  });
+}
+document.addEventListener("htmx:afterSettle", (event) => {
+  markInvalidFields();
+  // After "Validate", the cursor goes to the first field LLaMA-Factory refused.
+  if (event.detail.requestConfig?.elt?.id === "validate-config" && event.detail.target?.id === "findings") {
+    const first = document.querySelector("#config-form [aria-invalid='true']");
+    first?.closest("details")?.setAttribute("open", "");
+    first?.focus();
+  }
 });

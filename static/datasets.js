@@ -27,6 +27,13 @@
     let firstKeys = [];
 
     input.addEventListener("change", () => choose(input.files[0]));
+    // The keyboard's way in: Enter or Space on the drop zone, or the "Choose a file…" button.
+    const pick = () => input.click();
+    document.getElementById("upload-choose").addEventListener("click", pick);
+    zone.addEventListener("click", pick);
+    zone.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" || event.key === " ") { event.preventDefault(); pick(); }
+    });
     ["dragenter", "dragover"].forEach((type) => zone.addEventListener(type, (event) => {
       event.preventDefault(); zone.classList.add("dragover");
     }));
@@ -36,12 +43,22 @@
 
     function showError(message) { errorBox.textContent = message; errorBox.hidden = !message; }
 
+    // As the pages write sizes (app/templating.py's filesize): 812 B, 41.3 KiB, 6.51 MiB.
+    function fileSize(bytes) {
+      if (bytes < 1024) return `${bytes} B`;
+      let size = bytes;
+      for (const unit of ["KiB", "MiB", "GiB", "TiB"]) {
+        size /= 1024;
+        if (size < 1024 || unit === "TiB") return size < 100 ? `${Number(size.toPrecision(3))} ${unit}` : `${Math.round(size).toLocaleString("en")} ${unit}`;
+      }
+    }
+
     async function choose(picked) {
       if (!picked) return;
       file = picked;
       showError("");
-      chosen.textContent = `${file.name} — ${(file.size / 1048576).toFixed(2)} MiB`;
-      if (file.size > maxBytes) { showError(`The file is over the limit of ${(maxBytes / 1073741824).toFixed(1)} GiB.`); button.disabled = true; return; }
+      chosen.textContent = `${file.name} — ${fileSize(file.size)}`;
+      if (file.size > maxBytes) { showError(`The file is over the limit of ${fileSize(maxBytes)}.`); button.disabled = true; return; }
       if (!nameInput.value) nameInput.value = file.name.replace(/\.[^.]*$/, "").replace(/[^A-Za-z0-9_.-]+/g, "_").replace(/^[._-]+/, "").slice(0, 100);
       firstKeys = await sniffKeys(file);
       showMapping();
@@ -132,7 +149,7 @@
         const percent = (100 * e.loaded) / e.total;
         bar.style.width = `${percent.toFixed(1)}%`;
         progress.setAttribute("aria-valuenow", percent.toFixed(0));
-        statusText.textContent = percent < 100 ? `${(e.loaded / 1048576).toFixed(1)} of ${(e.total / 1048576).toFixed(1)} MiB` : "Checking the last rows…";
+        statusText.textContent = percent < 100 ? `${fileSize(e.loaded)} of ${fileSize(e.total)}` : "Checking the last rows…";
       };
       const done = () => { button.disabled = false; button.removeAttribute("aria-busy"); };
       xhr.onload = () => {

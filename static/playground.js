@@ -6,8 +6,16 @@
   const $ = (id) => document.getElementById(id);
   const gateway = root.dataset.gateway;
   const baseOf = JSON.parse(root.dataset.baseOf || "{}");
-  const histories = { adapter: [], base: [] };
+  // The conversation: one list of turns, each the user's message and each pane's reply. Both panes
+  // are sent the same history: a pane without its own reply to a turn (the comparison was off
+  // then) is given the adapter's. Kept per model in localStorage, so a reload loses nothing.
+  let turns = [];
   let controllers = [];
+  const storageKey = () => `tuneboard.playground.${$("pg-model").value}`;
+  function save() { localStorage.setItem(storageKey(), JSON.stringify(turns)); }
+  function load() {
+    try { turns = JSON.parse(localStorage.getItem(storageKey()) || "[]"); } catch { turns = []; }
+  }
 
   function params() {
     return {
@@ -28,6 +36,7 @@
     $("pg-adapter-title").textContent = model;
     $("pg-base-pane").hidden = !comparing();
     $("pg-panes").classList.toggle("compare", comparing());
+    render();
     renderSnippets();
   }
 
@@ -51,30 +60,70 @@
       `for chunk in stream:\n    print(chunk.choices[0].delta.content or "", end="", flush=True)\n`;
   }
 
-  function bubble(pane, role, text) {
+  function bubble(pane, role, text, note) {
     const el = document.createElement("div");
     el.className = `pg-msg ${role}`;
     el.textContent = text;
+    if (note) el.dataset.note = note;
     $(`pg-chat-${pane}`).appendChild(el);
     return el;
+  }
+
+  // A reply as its pane shows it: cut off by Stop, failed, or replayed from the adapter's.
+  function showReply(el, reply, replayed) {
+    el.className = `pg-msg ${reply.error ? "error" : "assistant"}${reply.stopped ? " stopped" : ""}${replayed ? " replayed" : ""}`;
+    el.textContent = reply.error ? (reply.text ? `${reply.text}\n\n${reply.error}` : reply.error) : reply.text;
+    el.dataset.note = reply.stopped ? "stopped" : replayed ? "the adapter's answer, sent as history" : "";
+  }
+
+  function render() {
+    $("pg-chat-adapter").replaceChildren();
+    $("pg-chat-base").replaceChildren();
+    const panes = comparing() ? ["adapter", "base"] : ["adapter"];
+    for (const turn of turns) {
+      for (const pane of panes) {
+        bubble(pane, "user", turn.user);
+        const own = turn.replies[pane];
+        const reply = own || turn.replies.adapter;
+        if (reply) showReply(bubble(pane, "assistant", ""), reply, !own);
+      }
+    }
+  }
+
+  // What a pane sends: the system prompt, then every earlier turn (with the pane's own reply, or
+  // the adapter's), then the new message. Failed turns are left out.
+  function messagesFor(pane, upto) {
+    const messages = [{ role: "system", content: $("pg-system").value }];
+    turns.slice(0, upto).forEach((turn) => {
+      const reply = turn.replies[pane] || turn.replies.adapter;
+      if (!reply || reply.error) return;
+      messages.push({ role: "user", content: turn.user }, { role: "assistant", content: reply.text });
+    });
+    messages.push({ role: "user", content: turns[upto].user });
+    return messages;
   }
 
   function errorMessage(payload, status) {
     return (payload && payload.error && payload.error.message) || (payload && payload.detail) || `HTTP ${status}`;
   }
 
-  // One streamed completion into one pane; resolves with the number of chunks received.
-  async function stream(pane, model, controller) {
-    const messages = [{ role: "system", content: $("pg-system").value }, ...histories[pane]];
+  // One streamed reply into one pane; resolves with its timing: time to the first token, and the
+  // generated tokens (the server's usage count) per second after it.
+  async function stream(pane, model, index, controller) {
     const out = bubble(pane, "assistant", "");
     out.setAttribute("aria-busy", "true");
-    let text = "", chunks = 0;
+    const reply = { text: "" };
+    turns[index].replies[pane] = reply;
+    const started = performance.now();
+    let first = null, tokens = null, chunks = 0;
     try {
       const response = await fetch(`${gateway}/chat/completions`, {
         method: "POST",
         credentials: "same-origin",
         headers: { "Content-Type": "application/json", "X-CSRF-Token": root.dataset.csrf },
-        body: JSON.stringify({ model, messages, stream: true, ...params() }),
+        body: JSON.stringify({
+          model, messages: messagesFor(pane, index), stream: true, stream_options: { include_usage: true }, ...params(),
+        }),
         signal: controller.signal,
       });
       if (!response.ok) {
@@ -98,25 +147,39 @@
             if (data === "[DONE]") continue;
             const parsed = JSON.parse(data);
             if (parsed.error) throw new Error(errorMessage(parsed));
+            if (parsed.usage) tokens = parsed.usage.completion_tokens;
             const delta = parsed.choices?.[0]?.delta?.content || "";
-            if (delta) { text += delta; chunks += 1; out.textContent = text; }
+            if (delta) {
+              first ??= performance.now();
+              chunks += 1;
+              reply.text += delta;
+              out.textContent = reply.text;
+            }
           }
         }
         out.parentElement.scrollTop = out.parentElement.scrollHeight;
       }
-      histories[pane].push({ role: "assistant", content: text });
     } catch (error) {
-      if (error.name === "AbortError") {
-        histories[pane].push({ role: "assistant", content: text });
-      } else {
-        out.className = "pg-msg error";
-        out.textContent = text ? `${text}\n\n${error.message}` : error.message;
-        histories[pane].pop(); // the user turn that failed is not part of the conversation
-      }
+      if (error.name === "AbortError") reply.stopped = true;
+      else reply.error = error.message;
     } finally {
       out.removeAttribute("aria-busy");
+      showReply(out, reply, false);
     }
-    return chunks;
+    const ended = performance.now();
+    return {
+      pane, firstTokenS: first === null ? null : (first - started) / 1000,
+      // Without a usage count (an older server), the streamed chunks: one token each on vLLM.
+      tokens: tokens ?? chunks, counted: tokens !== null,
+      tokensPerS: first !== null && ended > first ? (tokens ?? chunks) / ((ended - first) / 1000) : null,
+    };
+  }
+
+  function describe(timing) {
+    const name = timing.pane === "adapter" ? "" : "base model: ";
+    if (timing.firstTokenS === null) return `${name}no token`;
+    const speed = timing.tokensPerS === null ? "" : ` · ${timing.counted ? "" : "≈"}${timing.tokensPerS.toFixed(1)} tokens/s`;
+    return `${name}first token in ${timing.firstTokenS.toFixed(2)} s${speed} (${timing.tokens} tokens)`;
   }
 
   async function send(event) {
@@ -129,30 +192,32 @@
     $("pg-send").disabled = true;
     $("pg-stop").disabled = false;
     $("pg-stats").textContent = "";
-    const started = performance.now();
+    turns.push({ user: prompt, replies: {} });
+    const index = turns.length - 1;
     controllers = panes.map(() => new AbortController());
-    const counts = await Promise.all(panes.map(([pane, name], i) => {
-      histories[pane].push({ role: "user", content: prompt });
+    const timings = await Promise.all(panes.map(([pane, name], i) => {
       bubble(pane, "user", prompt);
-      return stream(pane, name, controllers[i]);
+      return stream(pane, name, index, controllers[i]);
     }));
-    const seconds = (performance.now() - started) / 1000;
-    $("pg-stats").textContent = `${counts.join(" / ")} chunks in ${seconds.toFixed(1)} s`;
+    save();
+    $("pg-stats").textContent = timings.map(describe).join(" | ");
     $("pg-send").disabled = false;
     $("pg-stop").disabled = true;
   }
 
   function clear() {
-    histories.adapter = []; histories.base = [];
-    $("pg-chat-adapter").replaceChildren(); $("pg-chat-base").replaceChildren();
+    turns = [];
+    localStorage.removeItem(storageKey());
+    render();
   }
 
   $("pg-form").addEventListener("submit", send);
   $("pg-input").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("pg-form").requestSubmit(); });
   $("pg-stop").addEventListener("click", () => controllers.forEach((c) => c.abort()));
   $("pg-clear").addEventListener("click", clear);
-  $("pg-model").addEventListener("change", () => { clear(); refreshModel(); });
+  $("pg-model").addEventListener("change", () => { load(); refreshModel(); });
   $("pg-compare").addEventListener("change", refreshModel);
   root.querySelectorAll("input, textarea#pg-system").forEach((el) => el.addEventListener("input", renderSnippets));
+  load();
   refreshModel();
 })();

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 from sqlmodel import Session
 
 from app.models import Dataset
 from app.services import datasets as dataset_service
+from app.settings import get_settings
 
 
 def alpaca_rows(count: int = 5, prefix: str = "row") -> list[dict[str, str]]:
@@ -29,12 +32,32 @@ def dataset_factory(
     return dataset
 
 
+def store_folder(session: Session, run_id: int, attempt: int, folder: Path, name: str, step: int | None = None):
+    """Put a folder into the artifact store as the run's artifact `name`, the way a worker's
+    upload ends (blobs in the store, then the manifest recorded)."""
+    from app.services import artifacts as artifact_service
+    from app.wire import ArtifactManifest, ArtifactRecord, FileEntry
+
+    files = sorted(p for p in (folder.rglob("*") if name != "adapter" else folder.iterdir()) if p.is_file())
+    entries = []
+    for path in files:
+        data = path.read_bytes()
+        sha256 = hashlib.sha256(data).hexdigest()
+        staged = get_settings().path("artifacts", "test-staging") / sha256
+        staged.write_bytes(data)
+        artifact_service.get_store().put(sha256, staged)
+        entries.append(FileEntry(path=path.relative_to(folder).as_posix(), sha256=sha256, size=len(data)))
+    manifest = ArtifactManifest(name=name, step=step, files=entries)
+    artifact_service.record_artifact(session, run_id, ArtifactRecord(attempt=attempt, worker_id="test", manifest=manifest))
+    return manifest
+
+
 def finished_run_factory(
     session: Session, output_dir: str, base_model: str, *, status: str = "succeeded", name: str = "demo",
     checkpoints: list[dict[str, Any]] | None = None, template: str = "qwen",
 ):
-    """A finished run whose output (adapter, checkpoints) is `output_dir`, as the runs service
-    records it when the worker reports the finish."""
+    """A finished run whose output (adapter, checkpoints) is `output_dir`, stored in the artifact
+    store as the worker's uploads leave it."""
     import yaml
 
     from app.models import Run, TrainConfig
@@ -43,15 +66,41 @@ def finished_run_factory(
     session.add(config)
     session.flush()
     run = Run(
-        name=name, config_id=config.id, status=status, output_dir=output_dir,
-        adapter_path=output_dir if status == "succeeded" else None, checkpoints=checkpoints or [],
+        name=name, config_id=config.id, status=status, has_adapter=status == "succeeded",
+        checkpoints=checkpoints or [],
         train_yaml=yaml.safe_dump({"model_name_or_path": base_model, "template": template,
                                    "finetuning_type": "lora", "output_dir": "{OUTPUT_DIR}"}),
     )
     session.add(run)
     session.commit()
     session.refresh(run)
+    output = Path(output_dir)
+    if status == "succeeded":
+        store_folder(session, run.id, run.attempt, output, "adapter")
+    for checkpoint in checkpoints or []:
+        if checkpoint.get("complete") and (output / checkpoint["name"]).is_dir():
+            store_folder(session, run.id, run.attempt, output / checkpoint["name"], checkpoint["name"], checkpoint["step"])
+    session.refresh(run)
     return run
+
+
+def model_factory(session: Session, path: str, name: str | None = None):
+    """A registered model entry for `path` (a real folder gets its fingerprint); the one already
+    registered for that path, if any."""
+    from sqlmodel import select
+
+    from app.models import ModelEntry
+    from app.wire import model_fingerprint
+
+    existing = session.exec(select(ModelEntry).where(ModelEntry.path == path)).first()
+    if existing is not None:
+        return existing
+    entry = ModelEntry(name=name or Path(path).name, path=path, model_type="qwen2",
+                       fingerprint=model_fingerprint(Path(path)) or "")
+    session.add(entry)
+    session.commit()
+    session.refresh(entry)
+    return entry
 
 
 # A config that trains the tiny demo model in seconds on a CPU, with a visible curve, eval points
@@ -73,11 +122,9 @@ def run_config_factory(
     params: dict[str, Any] | None = None, gpus: int = 0,
 ):
     """A TrainConfig with a registered model and dataset, ready for a run."""
-    from app.models import ModelEntry, TrainConfig
+    from app.models import TrainConfig
 
-    model = ModelEntry(name=f"{name}-model", path=model_path, model_type="qwen2")
-    session.add(model)
-    session.commit()
+    model = model_factory(session, model_path, f"{name}-model")
     dataset = dataset_factory(session, f"{name}-data", alpaca_rows(rows, prefix=name))
     config = TrainConfig(
         name=f"{name}-config", model_id=model.id, dataset_ids=[dataset.id], gpus=gpus,

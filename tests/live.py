@@ -71,12 +71,12 @@ class LivePanel:
     def web_pid(self) -> int:
         return self.processes["web"].pid
 
-    def start_worker(self, name: str = "worker", queues: str = "train,serve,default", concurrency: int = 2) -> subprocess.Popen:
+    def start_worker(self, name: str = "worker", env: dict[str, str] | None = None) -> subprocess.Popen:
+        """A worker `name@<hostname>` (its own queue, as `tuneboard worker` starts it); `env`
+        adds settings, e.g. its slots."""
         self.processes[name] = _start(
-            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queues,
-             "--pool", "threads", "--concurrency", str(concurrency), "--loglevel", "INFO",
-             "--without-gossip", "--without-mingle", "-n", f"{name}@%h"],
-            self.env, self.log_dir / f"{name}.log",
+            worker_command(f"{name}@{socket.gethostname()}"), {**self.env, **(env or {})},
+            self.log_dir / f"{name}.log",
         )
         return self.processes[name]
 
@@ -110,6 +110,13 @@ class LivePanel:
         env = {**self.env, "TUNEBOARD_URL": self.url, "TUNEBOARD_TOKEN": self.token}
         return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, cwd=PROJECT_ROOT,
                               capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+def worker_command(name: str, concurrency: int = 4) -> list[str]:
+    """A Celery worker as `tuneboard worker` starts it: the default queue plus its own."""
+    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "default",
+            "--pool", "threads", "--concurrency", str(concurrency), "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle", "-n", name]
 
 
 def _start(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
@@ -167,7 +174,7 @@ def running_panel(
         from app.settings import get_settings
         from workers.celery_app import declare_queues, make_celery
 
-        declare_queues(make_celery(get_settings()))
+        declare_queues(make_celery(get_settings()), [f"worker@{socket.gethostname()}"])
     panel = LivePanel(url, httpx.Client(base_url=url, timeout=30), token, data_dir, process_env, log_dir)
     try:
         panel.start_web()

@@ -43,6 +43,7 @@ save_steps: 500
 plot_loss: true
 overwrite_output_dir: true
 save_only_model: false
+include_num_input_tokens_seen: non_padding
 
 ### train
 per_device_train_batch_size: 4
@@ -51,7 +52,7 @@ learning_rate: 1.0e-4
 num_train_epochs: 3.0
 lr_scheduler_type: cosine
 warmup_ratio: 0.1
-bf16: true
+bf16: false
 ddp_timeout: 180000000
 resume_from_checkpoint: null
 
@@ -110,8 +111,9 @@ def test_new_form_starts_from_the_well_known_config(client, registered) -> None:
                      "quantization_bit", "packing", "neat_packing", "enable_liger_kernel", "seed", "report_to",
                      "lora_alpha", "lora_dropout", "advanced", "gpus", f"dataset-{registered['dataset_id']}"):
         assert f'id="{field_id}"' in page.text, field_id
-    for section in ("model", "method", "dataset", "output", "train", "eval"):
-        assert f"### {section}" in page.text
+    for section, title in (("model", "Model"), ("method", "Fine-tuning method"), ("dataset", "Data"),
+                           ("output", "Logging and checkpoints"), ("train", "Training"), ("eval", "Evaluation")):
+        assert f'id="section-{section}"' in page.text and f"<strong>{title}</strong>" in page.text
     assert "debug" in page.text and "full training" in page.text and "the whole dataset" in page.text
     assert 'id="output_dir"' not in page.text and 'id="dataset_dir"' not in page.text
 
@@ -304,7 +306,8 @@ def test_cpu_bf16_is_announced(client, registered) -> None:
     answer = client.post("/api/v1/configs/estimate", json=_api_body(registered))
     assert answer.status_code == 200
     fields = form_fields(client)
-    fields.update(name="cpu", dataset_ids=[str(registered["dataset_id"])])
+    assert "bf16" not in fields  # no GPU worker: the form starts with bf16 off
+    fields.update(name="cpu", dataset_ids=[str(registered["dataset_id"])], bf16="true")
     fragment = client.post("/configs/form/estimate", data=fields)
     assert "bf16 needs a GPU; the run will use fp32 on CPU" in fragment.text
 

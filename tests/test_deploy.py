@@ -11,10 +11,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
+from app.db import get_engine
 from app.models.deployment import Deployment, InferenceServer
+from app.services import artifacts as artifact_service
 from app.services.deployments import preflight_adapter, read_safetensors_header
+from app.services.scheduler import schedule, server_wait_reason
 from app.settings import get_settings
-from tests.factories import finished_run_factory
+from app.wire import model_fingerprint
+from tests.factories import finished_run_factory, model_factory, store_folder
 
 INTERNAL = "/internal/v1"
 
@@ -40,15 +44,27 @@ def write_adapter(
     return folder
 
 
+def write_checkpoint(folder: Path, base_model: str, **adapter_kwargs) -> Path:
+    """A complete checkpoint-N folder: the adapter, then trainer_state.json (written last)."""
+    write_adapter(folder, base_model, **adapter_kwargs)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(folder.name.split("-")[-1])}))
+    return folder
+
+
 @pytest.fixture
 def base_model(tmp_path: Path) -> str:
+    """A model folder with a config and a weights file: enough for its fingerprint (no server
+    process reads it here)."""
     path = tmp_path / "models" / "tiny-base"
     path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 128}))
+    (path / "model.safetensors").write_bytes(bytes(64))
     return str(path)
 
 
 @pytest.fixture
 def adapter_run(session: Session, tmp_path: Path, base_model: str):
+    model_factory(session, base_model)  # registered, so that a worker can say it holds it
     out = write_adapter(tmp_path / "run-out", base_model)
     return finished_run_factory(session, str(out), base_model)
 
@@ -57,6 +73,37 @@ def deploy(client: TestClient, run_id: int, **extra) -> dict:
     response = client.post("/api/v1/deployments", json={"run_id": run_id, **extra})
     assert response.status_code == 201, response.text
     return response.json()
+
+
+def worker_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {get_settings().worker_token}"}
+
+
+def heartbeat(client: TestClient, worker_id: str, models: dict[str, str], serve_slots: int = 1) -> None:
+    """A (fake) worker's heartbeat: online, with its serving slots and the model folders it holds."""
+    response = client.post(f"{INTERNAL}/workers/heartbeat", headers=worker_headers(), json={
+        "worker_id": worker_id, "hostname": "h", "serve_slots": serve_slots, "models": models,
+    })
+    assert response.status_code == 200, response.text
+
+
+def dispatch(client: TestClient, server_id: int, worker_id: str = "w1") -> str:
+    """What the panel does before any claim: `worker_id` comes online holding the server's base
+    model, the scheduler dispatches the pending server to it. Returns the dispatch id."""
+    with Session(get_engine()) as db:
+        base = db.get(InferenceServer, server_id).base_model_path
+    heartbeat(client, worker_id, {base: model_fingerprint(Path(base))})
+    with Session(get_engine()) as db:
+        schedule(db)  # (or the panel's own pass got there first: the same dispatch)
+        server = db.get(InferenceServer, server_id)
+        assert server.status == "pending" and server.dispatched_worker_id == worker_id, server
+        assert server.dispatch_id
+        return server.dispatch_id
+
+
+def claim(client: TestClient, server_id: int, dispatch_id: str, worker_id: str = "w1", **headers: str):
+    return client.post(f"{INTERNAL}/servers/{server_id}/claim", headers=headers or worker_headers(),
+                       json={"worker_id": worker_id, "dispatch_id": dispatch_id, "instance_id": "i1"})
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -116,17 +163,18 @@ def test_deploy_refuses_an_active_run(client, session, adapter_run, status):
 
 def test_deploy_refuses_a_failed_run_but_takes_its_complete_checkpoint(client, session, tmp_path, base_model):
     out = tmp_path / "failed-out"
-    write_adapter(out / "checkpoint-2", base_model)
+    write_checkpoint(out / "checkpoint-2", base_model)
     run = finished_run_factory(session, str(out), base_model, status="failed",
                                checkpoints=[{"name": "checkpoint-2", "step": 2, "complete": True},
                                             {"name": "checkpoint-4", "step": 4, "complete": False}])
     response = client.post("/api/v1/deployments", json={"run_id": run.id})
     assert response.status_code == 409
-    assert "failed: it has no final adapter" in response.json()["detail"]
+    assert "failed without a stored final adapter" in response.json()["detail"]
+    # An incomplete checkpoint is never stored: it cannot be deployed.
     response = client.post("/api/v1/deployments", json={"run_id": run.id, "checkpoint": "checkpoint-4"})
-    assert response.status_code == 400 and "no complete checkpoint 'checkpoint-4'" in response.json()["detail"]
+    assert response.status_code == 400 and "no stored checkpoint 'checkpoint-4'" in response.json()["detail"]
     deployment = deploy(client, run.id, checkpoint="checkpoint-2")
-    assert deployment["adapter_path"] == str(out / "checkpoint-2")
+    assert deployment["artifact_digest"] == artifact_service.get_manifest(session, run.id, "checkpoint-2").digest
     assert deployment["name"] == f"demo-{run.id}-checkpoint-2"
 
 
@@ -149,20 +197,46 @@ def test_adapters_of_one_base_share_one_server(client, session, tmp_path, base_m
     assert taken.status_code == 409 and "name of a served base model" in taken.json()["detail"]
 
 
+def test_a_pending_server_waits_for_a_worker_that_holds_its_base_model(client, session, adapter_run, base_model):
+    deployment = deploy(client, adapter_run.id)
+    server_id = deployment["server_id"]
+    heartbeat(client, "w-empty", {})  # holds no model
+    heartbeat(client, "w-other", {base_model: "0" * 64})  # another model in a folder of that name
+    with Session(get_engine()) as db:
+        assert schedule(db) == 0
+        assert db.get(InferenceServer, server_id).dispatch_id is None
+    assert "no online worker holds model tiny-base" in server_wait_reason(server_id)
+    heartbeat(client, "w-full", {base_model: model_fingerprint(Path(base_model))}, serve_slots=0)
+    with Session(get_engine()) as db:
+        assert schedule(db) == 0
+    assert "serving slots are 0" in server_wait_reason(server_id)
+    dispatch_id = dispatch(client, server_id, "w1")
+    # Only the worker it went to may claim it, and only under that dispatch.
+    assert claim(client, server_id, dispatch_id, "w-full").status_code == 409
+    assert claim(client, server_id, "another-dispatch", "w1").status_code == 409
+    assert claim(client, server_id, dispatch_id, "w1").status_code == 200
+
+
 def test_worker_channel_from_claim_to_stop(client, session, adapter_run):
-    worker = {"Authorization": f"Bearer {get_settings().worker_token}"}
+    worker = worker_headers()
     deployment = deploy(client, adapter_run.id, name="tiny-chat")
     server_id = deployment["server_id"]
+    dispatch_id = dispatch(client, server_id, "w1")
 
-    claim = client.post(f"{INTERNAL}/servers/{server_id}/claim", json={"worker_id": "w1"}, headers=worker)
-    assert claim.status_code == 200
-    spec = claim.json()
+    response = claim(client, server_id, dispatch_id, "w1")
+    assert response.status_code == 200
+    spec = response.json()
+    manifest = artifact_service.get_manifest(session, adapter_run.id, "adapter")
+    assert deployment["artifact_digest"] == manifest.digest
     assert spec["adapters"] == [{"deployment_id": deployment["id"], "lora_name": "tiny-chat",
-                                 "path": adapter_run.output_dir}]
+                                 "run_id": adapter_run.id, "manifest": manifest.model_dump()}]
     assert spec["max_lora_rank"] == 64 and spec["kv_cache_bytes"] == "64M"
+    # The server's secret goes to the worker that runs it, never out of the public API.
+    assert spec["api_key"] and spec["api_key"] == session.get(InferenceServer, server_id).api_key
+    assert "api_key" not in client.get(f"/api/v1/deployments/{deployment['id']}").json()["server"]
     # A redelivered task claims nothing: no second server.
-    again = client.post(f"{INTERNAL}/servers/{server_id}/claim", json={"worker_id": "w2"}, headers=worker)
-    assert again.status_code == 409
+    for worker_id in ("w1", "w2"):
+        assert claim(client, server_id, dispatch_id, worker_id).status_code == 409
     assert client.get(f"/api/v1/deployments/{deployment['id']}").json()["status"] == "starting"
 
     ready = {"status": "ready", "url": "http://127.0.0.1:9", "pid": 4242, "adapters": ["tiny-chat"], "log_tail": "up"}
@@ -183,12 +257,14 @@ def test_worker_channel_from_claim_to_stop(client, session, adapter_run):
 
 
 def test_a_server_that_dies_fails_its_deployments_with_the_log_tail(client, session, adapter_run):
-    worker = {"Authorization": f"Bearer {get_settings().worker_token}"}
+    worker = worker_headers()
     deployment = deploy(client, adapter_run.id, name="doomed")
     server_id = deployment["server_id"]
-    client.post(f"{INTERNAL}/servers/{server_id}/claim", json={"worker_id": "w1"}, headers=worker)
-    client.post(f"{INTERNAL}/servers/{server_id}/events", headers=worker,
-                json={"status": "ready", "url": "http://127.0.0.1:9", "adapters": ["doomed"]})
+    assert claim(client, server_id, dispatch(client, server_id)).status_code == 200
+    ready = client.post(f"{INTERNAL}/servers/{server_id}/events", headers=worker,
+                        json={"status": "ready", "url": "http://127.0.0.1:9", "adapters": ["doomed"]})
+    assert ready.json() == {"stop": False}
+    assert client.get(f"/api/v1/deployments/{deployment['id']}").json()["status"] == "ready"
     died = {"status": "failed", "reason": "the server exited with code 137 under a live deployment",
             "log_tail": "INFO ...\nKilled\n"}
     client.post(f"{INTERNAL}/servers/{server_id}/events", json=died, headers=worker)
@@ -204,17 +280,57 @@ def test_a_server_that_dies_fails_its_deployments_with_the_log_tail(client, sess
 
 def test_undeploying_before_a_worker_claims_stops_the_server_at_once(client, session, adapter_run):
     deployment = deploy(client, adapter_run.id)
+    dispatch_id = dispatch(client, deployment["server_id"], "w")  # its task is on the way to w
     client.delete(f"/api/v1/deployments/{deployment['id']}")
     assert session.get(InferenceServer, deployment["server_id"]).status == "stopped"
-    worker = {"Authorization": f"Bearer {get_settings().worker_token}"}
-    claim = client.post(f"{INTERNAL}/servers/{deployment['server_id']}/claim", json={"worker_id": "w"}, headers=worker)
-    assert claim.status_code == 409
+    assert claim(client, deployment["server_id"], dispatch_id, "w").status_code == 409
+
+
+@pytest.fixture
+def replaced_checkpoint_deployment(client, session, tmp_path, base_model) -> dict:
+    """A deployed checkpoint-2 of a failed run, whose stored checkpoint-2 was then replaced by
+    another folder (as a resumed attempt saves it anew)."""
+    model_factory(session, base_model)
+    out = tmp_path / "failed-out"
+    write_checkpoint(out / "checkpoint-2", base_model)
+    run = finished_run_factory(session, str(out), base_model, status="failed",
+                               checkpoints=[{"name": "checkpoint-2", "step": 2, "complete": True}])
+    deployment = deploy(client, run.id, checkpoint="checkpoint-2", name="stale")
+    write_checkpoint(out / "checkpoint-2", base_model, rank=4)
+    store_folder(session, run.id, run.attempt, out / "checkpoint-2", "checkpoint-2", 2)
+    return deployment
+
+
+def test_a_claim_serves_the_deployed_folder_not_one_stored_under_its_name_since(
+    client, session, tmp_path, base_model, replaced_checkpoint_deployment,
+):
+    stale = replaced_checkpoint_deployment
+    good_run = finished_run_factory(session, str(write_adapter(tmp_path / "good", base_model)), base_model,
+                                    name="good")
+    good = deploy(client, good_run.id, name="good")
+    server_id = good["server_id"]
+    assert stale["server_id"] == server_id
+    response = claim(client, server_id, dispatch(client, server_id))
+    assert response.status_code == 200
+    assert [a["lora_name"] for a in response.json()["adapters"]] == ["good"]  # the other one still starts
+    detail = client.get(f"/api/v1/deployments/{stale['id']}").json()
+    assert detail["status"] == "failed" and "replaced since" in detail["status_reason"]
+    assert client.get(f"/api/v1/deployments/{good['id']}").json()["status"] == "starting"
+
+
+def test_a_server_with_nothing_left_to_serve_is_not_started(client, session, replaced_checkpoint_deployment):
+    stale = replaced_checkpoint_deployment
+    response = claim(client, stale["server_id"], dispatch(client, stale["server_id"]))
+    assert response.status_code == 409
+    detail = client.get(f"/api/v1/deployments/{stale['id']}").json()
+    assert detail["status"] == "failed" and "replaced since" in detail["status_reason"]
+    assert detail["server"]["status"] == "failed" and "replaced since" in detail["server"]["status_reason"]
 
 
 def test_the_worker_channel_needs_the_worker_token(client, adapter_run):
     deployment = deploy(client, adapter_run.id)
-    response = client.post(f"{INTERNAL}/servers/{deployment['server_id']}/claim", json={"worker_id": "w"},
-                           headers={"Authorization": "Bearer nope"})
+    dispatch_id = dispatch(client, deployment["server_id"], "w")
+    response = claim(client, deployment["server_id"], dispatch_id, "w", Authorization="Bearer nope")
     assert response.status_code == 401
 
 

@@ -1,15 +1,18 @@
-"""Deployments end to end with the real servers: the web app and a Celery worker consuming the
-`serve` queue as subprocesses, vLLM's CPU build (two server starts in this module: one shared by
+"""Deployments end to end with the real servers: the web app and a Celery worker (its own queue,
+as `tuneboard worker` starts it; it holds the base model, so the panel schedules the servers
+there) as subprocesses, vLLM's CPU build (two server starts in this module: one shared by
 the API tests, one for the browser and the killed-server test) and `llamafactory-cli api` once."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,9 +22,12 @@ from openai import BadRequestError, NotFoundError, OpenAI
 from sqlmodel import Session
 
 from app.db import make_engine
+from app.models.deployment import InferenceServer
 from app.services.users import create_user
+from app.settings import get_settings
 from tests.conftest import log_in
-from tests.factories import finished_run_factory
+from tests.factories import finished_run_factory, model_factory
+from tests.live import worker_command
 
 # Generous: on a busy 2-core machine vLLM has taken 200 s to start (17–28 s when idle).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -76,9 +82,7 @@ class Panel:
                 pass
             assert time.monotonic() < deadline, (self.logs / "web.log").read_text()[-3000:]
             time.sleep(0.2)
-        self._start("worker", [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-                               "-Q", "serve,default", "--pool", "threads", "--concurrency", "4",
-                               "-n", "serve@test", "--without-gossip", "--without-mingle"])
+        self._start("worker", worker_command(f"serve@{socket.gethostname()}"))
         self.engine = make_engine(f"sqlite:///{self.data / 'tuneboard.db'}")
         with Session(self.engine) as session:
             create_user(session, "admin", "correct horse battery staple", is_admin=True)
@@ -103,9 +107,36 @@ class Panel:
                 os.killpg(process.pid, signal.SIGKILL)
         self.engine.dispose()
 
+    @contextmanager
+    def _seeding(self) -> Iterator[Session]:
+        """A session on the panel's database, with this process's settings on its data dir while
+        the factories write (a run's folders go into the panel's artifact store)."""
+        saved = os.environ.get("TUNEBOARD_DATA_DIR")
+        os.environ["TUNEBOARD_DATA_DIR"] = str(self.data)
+        get_settings.cache_clear()
+        try:
+            with Session(self.engine) as session:
+                yield session
+        finally:
+            if saved is None:
+                os.environ.pop("TUNEBOARD_DATA_DIR", None)
+            else:
+                os.environ["TUNEBOARD_DATA_DIR"] = saved
+            get_settings.cache_clear()
+
+    def register_model(self, path: Path) -> None:
+        """Register the base model (its fingerprint too): the worker then says it holds it."""
+        with self._seeding() as session:
+            model_factory(session, str(path))
+
     def run(self, output_dir: Path, base_model: Path, name: str, **kwargs):
-        with Session(self.engine) as session:
+        with self._seeding() as session:
             return finished_run_factory(session, str(output_dir), str(base_model), name=name, **kwargs)
+
+    def server_secret(self, server_id: int) -> str:
+        """The server's bearer secret (only the panel's database and its worker have it)."""
+        with Session(self.engine) as session:
+            return session.get(InferenceServer, server_id).api_key
 
     def wait_for(self, deployment_id: int, statuses: tuple[str, ...], timeout: float = READY_TIMEOUT_S) -> dict:
         deadline = time.monotonic() + timeout
@@ -138,6 +169,7 @@ def panel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Panel]:
 @pytest.fixture(scope="module")
 def runs(panel: Panel, trained_adapter: Path, tiny_model: Path) -> dict[str, int]:
     checkpoints = [{"name": "checkpoint-2", "step": 2, "complete": True}]
+    panel.register_model(tiny_model)
     return {
         "main": panel.run(trained_adapter, tiny_model, "tiny-sft", checkpoints=checkpoints).id,
         "second": panel.run(trained_adapter, tiny_model, "tiny-sft-b", checkpoints=checkpoints).id,
@@ -191,6 +223,28 @@ def test_the_exact_request_users_send_works_over_plain_http(panel, live):
                           headers={"Authorization": f"Bearer {panel.key}"}, timeout=120)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_the_server_refuses_requests_without_its_secret(panel, live):
+    """vLLM listens on the worker's advertised address, behind the server's own secret: a caller
+    that skips the gateway is refused (a gateway key is no use there), the gateway gets through."""
+    server = live["deployment"]["server"]
+    assert "api_key" not in server  # not in the public API
+    body = {"model": "tiny-chat", "messages": CHINESE_MESSAGES, "max_tokens": 4}
+    for headers in ({}, {"Authorization": f"Bearer {panel.key}"}, {"Authorization": "Bearer wrong"}):
+        direct = httpx.post(f"{server['url']}/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert direct.status_code == 401, (headers, direct.text)
+        assert httpx.get(f"{server['url']}/v1/models", headers=headers, timeout=60).status_code == 401
+        load = httpx.post(f"{server['url']}/v1/load_lora_adapter", headers=headers, timeout=60,
+                          json={"lora_name": "intruder", "lora_path": "/tmp"})
+        assert load.status_code == 401
+    through_gateway = httpx.post(f"{panel.url}/v1/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {panel.key}"}, timeout=120)
+    assert through_gateway.status_code == 200, through_gateway.text
+    assert through_gateway.json()["model"] == "tiny-chat"
+    secret = {"Authorization": f"Bearer {panel.server_secret(server['id'])}"}
+    served = httpx.get(f"{server['url']}/v1/models", headers=secret, timeout=60)
+    assert served.status_code == 200 and "tiny-chat" in {m["id"] for m in served.json()["data"]}
 
 
 def test_max_tokens_beyond_the_model_length_is_a_400_not_a_500(panel, live):
@@ -249,6 +303,8 @@ def test_the_llamafactory_backend_serves_an_adapter(panel, runs):
     deployment = panel.wait_for(created.json()["id"], ("ready", "failed"))
     assert deployment["status"] == "ready", deployment["server"]["log_tail"][-3000:]
     assert deployment["server"]["backend"] == "llamafactory"
+    # Its API behind the server's secret too (LLaMA-Factory's API_KEY).
+    assert httpx.get(f"{deployment['server']['url']}/v1/models", timeout=60).status_code == 401
     reply = panel.openai().chat.completions.create(model="tiny-lf", messages=CHINESE_MESSAGES, max_tokens=16,
                                                   temperature=0.7, top_p=0.8)
     assert reply.choices[0].message.role == "assistant"

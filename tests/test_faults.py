@@ -34,7 +34,7 @@ from tests.live import START_TIMEOUT_S, LivePanel, _admin_token, free_port, live
 TRAINING_TIMEOUT_S = 300.0
 FINISHED = {"succeeded", "failed", "cancelled", "lost"}
 HEARTBEAT_TIMEOUT_S = 6.0
-LOST_SWEEP_S = 2.0  # app.services.runs.LOST_SWEEP_INTERVAL_S
+LOST_SWEEP_S = 2.0  # app.services.scheduler.LOST_SWEEP_INTERVAL_S
 # Fast per-run heartbeats, so that a 6 s timeout never catches a live run on a busy machine.
 FAULT_ENV = {"TUNEBOARD_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S), "TUNEBOARD_HEARTBEAT_INTERVAL_S": "1"}
 # 32 training rows × 6 epochs / batch 4 = 48 steps: long enough to be hit mid-run.
@@ -331,18 +331,31 @@ def test_sigterm_to_tuneboard_up_stops_every_child_and_nothing_listens_beyond_lo
 # --------------------------------------------------------------------------- loopback only
 def test_nothing_binds_beyond_loopback_unless_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     """The web app's default address, and the inference servers a worker starts (vLLM and
-    LLaMA-Factory's api, whose own default is 0.0.0.0): the gateway is the only way in."""
+    LLaMA-Factory's api, whose own default is 0.0.0.0): with the panel on this machine they listen
+    on loopback only; elsewhere on the address the worker advertises, behind the server's secret."""
+    from pathlib import Path
+
+    from app.wire import AdapterSpec, ArtifactManifest, ServerSpec
+    from workers.heartbeat import advertise_host
     from workers.serving import server_command
 
-    monkeypatch.delenv("TUNEBOARD_HOST", raising=False)
+    for name in ("TUNEBOARD_HOST", "TUNEBOARD_APP_URL", "TUNEBOARD_ADVERTISE_HOST"):
+        monkeypatch.delenv(name, raising=False)
     settings = Settings(_env_file=None)
-    assert settings.host == "127.0.0.1"
-    spec = {"backend": "vllm", "base_model_path": "/m", "base_name": "m", "max_lora_rank": 8, "max_model_len": 256,
-            "kv_cache_bytes": "64M", "gpu_memory_utilization": 0.5, "cpu_threads": 2,
-            "adapters": [{"lora_name": "a", "path": "/a"}], "template": "qwen"}
-    for backend, gpu in (("vllm", False), ("vllm", True), ("llamafactory", False)):
-        command, env = server_command({**spec, "backend": backend}, 8123, settings, gpu=gpu)
+    assert settings.host == "127.0.0.1" and advertise_host(settings) == "127.0.0.1"
+    assert advertise_host(Settings(_env_file=None, app_url="http://localhost:8000")) == "127.0.0.1"
+    assert advertise_host(Settings(_env_file=None, advertise_host="10.0.0.7")) == "10.0.0.7"
+    adapter = AdapterSpec(deployment_id=1, lora_name="a", run_id=1, manifest=ArtifactManifest(name="adapter", files=[]))
+    spec = ServerSpec(server_id=1, backend="vllm", base_model_path="/m", base_name="m", api_key="s3cret",
+                      max_lora_rank=8, max_model_len=256, kv_cache_bytes="64M", cpu_threads=2,
+                      gpu_memory_utilization=0.5, ready_timeout_s=60, heartbeat_interval_s=2, adapters=[adapter],
+                      template="qwen")
+    host = advertise_host(settings)
+    for backend, gpu_ids in (("vllm", []), ("vllm", [0]), ("llamafactory", [])):
+        command, env = server_command(spec.model_copy(update={"backend": backend, "gpu_ids": gpu_ids}),
+                                      {"a": Path("/cache/a")}, host, 8123, settings)
+        assert "s3cret" not in " ".join(command)  # never on a command line others can read
         if backend == "vllm":
-            assert command[command.index("--host") + 1] == "127.0.0.1"
+            assert command[command.index("--host") + 1] == "127.0.0.1" and env["VLLM_API_KEY"] == "s3cret"
         else:
-            assert env["API_HOST"] == "127.0.0.1" and "--host" not in command
+            assert env["API_HOST"] == "127.0.0.1" and "--host" not in command and env["API_KEY"] == "s3cret"

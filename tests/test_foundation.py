@@ -47,7 +47,7 @@ def test_home_leads_to_the_runs(client) -> None:
     assert response.status_code == 303 and response.headers["location"] == "/runs"
 
 
-def test_docker_compose_has_redis_web_and_a_gpu_worker_on_one_volume() -> None:
+def test_docker_compose_runs_web_redis_and_a_gpu_worker_as_separate_hosts() -> None:
     import yaml
 
     from app.settings import PROJECT_ROOT
@@ -55,8 +55,12 @@ def test_docker_compose_has_redis_web_and_a_gpu_worker_on_one_volume() -> None:
     compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert set(services) == {"redis", "web", "gpu-worker"}
-    worker = services["gpu-worker"]
+    web, worker = services["web"], services["gpu-worker"]
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"] and worker["build"]["args"]["FLAVOUR"] == "cuda"
-    assert "tuneboard-data:/data" in services["web"]["volumes"] == worker["volumes"]
-    assert worker["environment"]["TUNEBOARD_BROKER_URL"] == "redis://redis:6379/0"
+    # No shared filesystem: each has a data volume of its own; only the read-only models are alike.
+    data_volumes = [{v for v in service["volumes"] if v.endswith(":/data")} for service in (web, worker)]
+    assert data_volumes == [{"panel-data:/data"}, {"worker-data:/data"}]
+    assert worker["environment"]["TUNEBOARD_ADVERTISE_HOST"] == "gpu-worker"
+    assert worker["environment"]["TUNEBOARD_BROKER_URL"].endswith("@redis:6379/0")
+    assert "--requirepass" in " ".join(services["redis"]["command"])

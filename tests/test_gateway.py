@@ -3,6 +3,11 @@ process is needed to refuse). Chatting through a real vLLM is in test_deploy_ser
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
@@ -17,13 +22,15 @@ CHINESE_REQUEST = {
                  {"role": "user", "content": "你是谁？"}],
     "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05, "max_tokens": 512,
 }
+SERVER_SECRET = "the-servers-own-secret"
 
 
 @pytest.fixture
 def ready_model(session: Session) -> Deployment:
     """A ready deployment on a ready server (at a port nothing listens on)."""
     server = InferenceServer(base_model_path="/models/tiny", base_name="tiny", status="ready",
-                             url="http://127.0.0.1:9", max_model_len=2048, ready_at=utcnow())
+                             url="http://127.0.0.1:9", max_model_len=2048, ready_at=utcnow(),
+                             api_key=SERVER_SECRET)
     session.add(server)
     session.flush()
     deployment = Deployment(name="tiny-chat", server_id=server.id, lora_name="tiny-chat", status="ready",
@@ -134,3 +141,65 @@ def test_keys_are_created_once_and_revoked_on_the_deployments_page(client, anon_
     client.post(f"/deployments/keys/{key_id}/revoke", headers={"HX-Request": "true"})
     assert anon_client.get("/v1/models", headers=bearer(raw)).status_code == 401
     assert "No keys yet" in client.get("/deployments?block=keys").text
+
+
+class _SecretServer(BaseHTTPRequestHandler):
+    """Stands in for an inference server behind its secret, as vLLM's --api-key guards /v1: a 401
+    without it. Records what the gateway sent."""
+
+    seen: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append({"path": self.path, "authorization": self.headers.get("Authorization"), "body": body})
+        if self.headers.get("Authorization") != f"Bearer {SERVER_SECRET}":
+            status, answer = 401, {"error": "Unauthorized"}
+        else:
+            status, answer = 200, {"id": "c1", "object": "chat.completion", "model": body["model"], "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
+        raw = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def log_message(self, *_args) -> None:
+        pass
+
+
+@pytest.fixture
+def secret_server() -> Iterator[str]:
+    _SecretServer.seen = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _SecretServer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_the_gateway_sends_the_servers_secret_not_the_callers_key(anon_client, session, gateway_key, ready_model,
+                                                                  secret_server):
+    server = session.get(InferenceServer, ready_model.server_id)
+    server.url = secret_server
+    session.add(server)
+    session.commit()
+    response = anon_client.post("/v1/chat/completions", headers=bearer(gateway_key),
+                                json={"model": "tiny-chat", **CHINESE_REQUEST})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "hi"
+    [sent] = _SecretServer.seen
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["authorization"] == f"Bearer {SERVER_SECRET}"  # never the caller's gateway key
+    assert sent["body"]["model"] == "tiny-chat" and sent["body"]["messages"] == CHINESE_REQUEST["messages"]
+
+    # A server that refuses the panel's secret is the panel's problem, not a bad key of the caller.
+    server.api_key = "a-stale-secret"
+    session.add(server)
+    session.commit()
+    response = anon_client.post("/v1/chat/completions", headers=bearer(gateway_key),
+                                json={"model": "tiny-chat", **CHINESE_REQUEST})
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_unauthorized"
+    assert len(_SecretServer.seen) == 2 and _SecretServer.seen[1]["authorization"] == "Bearer a-stale-secret"

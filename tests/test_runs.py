@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import zipfile
 from datetime import timedelta
@@ -14,11 +15,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, func, select
 
+from app.db import get_engine
 from app.models import Run, RunEvent, RunLogLine, RunMetric, TrainConfig, Worker
 from app.models.base import utcnow
 from app.services import runs as service
 from app.settings import get_settings
-from tests.factories import run_config_factory
+from tests.factories import run_config_factory, store_folder
 
 
 @pytest.fixture
@@ -38,9 +40,21 @@ def start(client: TestClient, config_id: int, **body) -> dict:
 
 
 def claim(client, headers, run_id, attempt=1, worker_id="w1"):
+    """The worker's claim of the attempt the panel dispatched to it (dispatched here first, as
+    the scheduler would, when it is still waiting). The worker is online: a dispatch to an
+    offline one is taken back."""
+    client.post("/internal/v1/workers/heartbeat", headers=headers,
+                json={"worker_id": worker_id, "hostname": "h", "cpu_train_slots": 1})
+    with Session(get_engine()) as db:
+        run = db.get(Run, run_id)
+        if run.status == "queued" and run.dispatch_id is None:
+            service.dispatch_runs(db, [service.Dispatch(run.id, run.attempt, worker_id, [])])
+        db.refresh(run)
+        dispatch_id = run.dispatch_id or "none"
     return client.post(
         f"/internal/v1/runs/{run_id}/claim", headers=headers,
-        json={"attempt": attempt, "worker_id": worker_id, "task_id": "t", "gpu_ids": [], "hostname": "h"},
+        json={"attempt": attempt, "dispatch_id": dispatch_id, "worker_id": worker_id, "task_id": "t",
+              "hostname": "h"},
     )
 
 
@@ -54,8 +68,7 @@ def report(client, headers, run_id, attempt=1, **body):
 def finish(client, headers, run_id, attempt=1, outcome="succeeded", **body):
     return client.post(
         f"/internal/v1/runs/{run_id}/finish", headers=headers,
-        json={"attempt": attempt, "worker_id": "w1", "outcome": outcome, "exit_code": 0,
-              "output_dir": "/elsewhere/output", **body},
+        json={"attempt": attempt, "worker_id": "w1", "outcome": outcome, "exit_code": 0, **body},
     )
 
 
@@ -172,6 +185,7 @@ def test_claim_events_and_finish_are_idempotent(client, session, config, worker_
     assert body["dataset_info"]["tiny-data"]["file_name"] == body["datasets"][0]["file_name"]
     assert body["datasets"][0]["url"].startswith("/internal/v1/datasets/")
     assert claim(client, worker_headers, run_id).status_code == 409  # a redelivered task
+    assert claim(client, worker_headers, run_id, worker_id="w2").status_code == 409  # not dispatched to it
 
     batch = {
         "status": "running",
@@ -185,7 +199,7 @@ def test_claim_events_and_finish_are_idempotent(client, session, config, worker_
     row = run_row(session, run_id)
     assert row.status == "running" and row.current_step == 2 and row.total_steps == 10
     before = counts(session, run_id)
-    assert before == (3 + 1 + 2 + 2, 2, 2)  # queued/starting/running, progress, 2 metrics, 2 logs
+    assert before == (4 + 1 + 2 + 2, 2, 2)  # queued/dispatched/starting/running, progress, 2 metrics, 2 logs
     # The same batch again (a timeout, an app restart): nothing changes.
     assert report(client, worker_headers, run_id, **batch).status_code == 200
     assert counts(session, run_id) == before
@@ -251,18 +265,22 @@ def test_resume_continues_from_the_latest_complete_checkpoint(client, session, c
     report(client, worker_headers, run_id, status="running",
            metrics=[{"step": s, "loss": 3.0 - s / 10} for s in range(1, 7)])
     output = service.run_dir(run_id) / "output"
-    for step, complete in ((2, True), (4, True), (6, False)):
+    for step in (2, 4):  # uploaded by the worker once complete; checkpoint-6 never completed
         (output / f"checkpoint-{step}").mkdir(parents=True)
-        if complete:
-            (output / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        (output / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"step": {step}}}')
+        store_folder(session, run_id, 1, output / f"checkpoint-{step}", f"checkpoint-{step}", step)
     client.post(f"/api/v1/runs/{run_id}/cancel")
-    finish(client, worker_headers, run_id, outcome="cancelled", output_dir=str(output))
+    finish(client, worker_headers, run_id, outcome="cancelled",
+           checkpoints=[{"name": f"checkpoint-{s}", "step": s, "complete": s < 6} for s in (2, 4, 6)])
 
     resumed = client.post(f"/api/v1/runs/{run_id}/resume").json()
     assert (resumed["status"], resumed["attempt"], resumed["resume_from"]) == ("queued", 2, "checkpoint-4")
     assert client.post(f"/api/v1/runs/{run_id}/resume").status_code == 409  # one new attempt only
     assert claim(client, worker_headers, run_id, attempt=1).status_code == 409  # the old task
-    assert claim(client, worker_headers, run_id, attempt=2).json()["resume_from_checkpoint"] == "checkpoint-4"
+    resumed_claim = claim(client, worker_headers, run_id, attempt=2).json()
+    assert resumed_claim["resume_from_checkpoint"] == "checkpoint-4"
+    # Another machine can fetch it: the claim carries the stored checkpoint's manifest.
+    assert [f["path"] for f in resumed_claim["resume_manifest"]["files"]] == ["trainer_state.json"]
     # Steps after the checkpoint are logged again: the new values replace the old points.
     report(client, worker_headers, run_id, attempt=2, status="running", metrics=[{"step": 5, "loss": 1.0}])
     points = {m["step"]: m["loss"] for m in service.metrics_of(session, run_id)}
@@ -304,15 +322,17 @@ def test_the_event_stream_replays_from_a_cursor(client, session, config, worker_
            metrics=[{"step": 1, "loss": 2.0}], logs=[{"source": "stdout", "offset": 0, "line": "hello"}])
     finish(client, worker_headers, run_id)
     events = sse_events(client, f"/runs/{run_id}/events")
-    assert [e["event"] for e in events] == ["status", "status", "status", "metric", "log", "status", "end"]
+    # queued, dispatched, starting, running, the metric, the log line, succeeded
+    assert [e["event"] for e in events] == ["status", "status", "status", "status", "metric", "log", "status", "end"]
+    assert json.loads(events[1]["data"])["dispatched_to"] == "w1"
     ids = [int(e["id"]) for e in events[:-1]]
     assert ids == sorted(ids)
-    assert json.loads(events[3]["data"])["loss"] == 2.0
+    assert json.loads(events[4]["data"])["loss"] == 2.0
     # A reload (?after=) or a reconnect (Last-Event-ID) gets exactly what came after.
-    after = sse_events(client, f"/api/v1/runs/{run_id}/events?after={ids[3]}")
-    assert [int(e["id"]) for e in after[:-1]] == ids[4:]
-    resumed = sse_events(client, f"/runs/{run_id}/events?after={ids[0]}", **{"Last-Event-ID": str(ids[4])})
-    assert [int(e["id"]) for e in resumed[:-1]] == ids[5:]
+    after = sse_events(client, f"/api/v1/runs/{run_id}/events?after={ids[4]}")
+    assert [int(e["id"]) for e in after[:-1]] == ids[5:]
+    resumed = sse_events(client, f"/runs/{run_id}/events?after={ids[0]}", **{"Last-Event-ID": str(ids[5])})
+    assert [int(e["id"]) for e in resumed[:-1]] == ids[6:]
     assert client.get("/runs/999/events").status_code == 404
 
 
@@ -339,14 +359,16 @@ def test_artifacts_and_the_adapter_download(client, session, config, worker_head
     (output / "checkpoint-2" / "trainer_state.json").write_text("{}")
     (output / "adapter_config.json").write_text('{"r": 8}')
     (output / "adapter_model.safetensors").write_bytes(b"\0" * 300_000)
+    store_folder(session, run_id, 1, output / "checkpoint-2", "checkpoint-2", 2)
+    store_folder(session, run_id, 1, output, "adapter")
     for name, status_code in (("training_loss.png", 200), ("../../etc/passwd", 400), ("notes.txt", 400)):
         answer = client.post(
-            f"/internal/v1/runs/{run_id}/artifacts", headers=worker_headers,
+            f"/internal/v1/runs/{run_id}/results", headers=worker_headers,
             data={"attempt": "1", "name": name}, files={"file": ("x", b"\x89PNG fake", "image/png")},
         )
         assert answer.status_code == status_code, name
     report(client, worker_headers, run_id, status="running", metrics=[{"step": 2, "eval_loss": 1.5}])
-    finish(client, worker_headers, run_id, output_dir=str(output), adapter_path=str(output))
+    finish(client, worker_headers, run_id, has_adapter=True)
 
     assert client.get(f"/api/v1/runs/{run_id}/artifacts").json() == ["training_loss.png"]
     assert client.get(f"/runs/{run_id}/artifacts/training_loss.png").content == b"\x89PNG fake"
@@ -397,6 +419,8 @@ def test_the_runs_pages(client, session, config) -> None:
     assert form.status_code == 204 and form.headers["HX-Redirect"].startswith("/runs/")
     listing = client.get("/runs")
     assert "from the form" in listing.text and 'hx-trigger="every 2s"' in listing.text
-    fragment = client.get("/runs", headers={"HX-Request": "true", "HX-Target": "run-table"})
-    assert fragment.text.lstrip().startswith('<div id="run-table"') and "<html" not in fragment.text
+    # The poller asks for what changed since the page's cursor: nothing yet (tests/test_pages_runs.py
+    # covers the changed rows).
+    poll = re.search(r'hx-get="(/runs/rows\?[^"]+)"', listing.text).group(1).replace("&amp;", "&")
+    assert client.get(poll, headers={"HX-Request": "true"}).status_code == 204
     assert client.get("/runs/compare").status_code == 200

@@ -76,16 +76,20 @@ def test_two_concurrent_claims_have_one_winner(client: TestClient, session: Sess
     config = run_config_factory(session)
     run = client.post("/api/v1/runs", json={"config_id": config.id}).json()
     headers = {"Authorization": f"Bearer {get_settings().worker_token}"}
+    client.post("/internal/v1/workers/heartbeat", headers=headers, json={"worker_id": "w", "hostname": "h"})
+    service.dispatch_runs(session, [service.Dispatch(run["id"], 1, "w", [])])
+    session.expire_all()
+    dispatch_id = session.get(Run, run["id"]).dispatch_id
     barrier, answers = threading.Barrier(2), []
 
-    def claim(worker_id: str) -> None:
+    def claim(task_id: str) -> None:  # the same task delivered twice, to two threads of the worker
         barrier.wait()
         answers.append(client.post(
             f"/internal/v1/runs/{run['id']}/claim", headers=headers,
-            json={"attempt": 1, "worker_id": worker_id, "task_id": worker_id, "gpu_ids": [], "hostname": "h"},
+            json={"attempt": 1, "dispatch_id": dispatch_id, "worker_id": "w", "task_id": task_id, "hostname": "h"},
         ).status_code)
 
-    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(2)]
+    threads = [threading.Thread(target=claim, args=(f"t{i}",)) for i in range(2)]
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert sorted(answers) == [200, 409]

@@ -21,11 +21,12 @@ import pytest
 from sqlmodel import Session, select
 
 from app.db import get_engine
-from app.models import RunMetric
+from app.models import Run, RunMetric
 from app.settings import Settings
 from tests.factories import run_config_factory
 from tests.live import LivePanel, live_panel  # noqa: F401  (the fixture)
-from workers.celery_app import TRAIN_QUEUE, make_celery
+from app.wire import TRAIN_TASK, CheckpointReport, worker_queue
+from workers.celery_app import make_celery
 from workers.training import list_checkpoints, render_train_yaml
 
 REDIS_URL = "redis://127.0.0.1:6379/12"  # this file's own database, flushed per test
@@ -146,9 +147,9 @@ def test_checkpoints_are_complete_once_their_trainer_state_is_written(tmp_path: 
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-x").mkdir()
     assert list_checkpoints(tmp_path) == [
-        {"name": "checkpoint-2", "step": 2, "complete": True},
-        {"name": "checkpoint-10", "step": 10, "complete": True},
-        {"name": "checkpoint-12", "step": 12, "complete": False},
+        CheckpointReport(name="checkpoint-2", step=2, complete=True),
+        CheckpointReport(name="checkpoint-10", step=10, complete=True),
+        CheckpointReport(name="checkpoint-12", step=12, complete=False),
     ]
 
 
@@ -165,13 +166,18 @@ def test_a_run_trains_to_success_with_its_metrics_logs_and_artifacts(panel: Pane
     assert any(point["eval_loss"] is not None for point in metrics)
     assert all(point["tokens_per_s"] and point["elapsed_s"] is not None for point in metrics if point["loss"])
     logs = panel.api.get(f"/api/v1/runs/{run_id}/logs").json()
-    assert {line["source"] for line in logs} == {"running_log", "stdout"}
+    assert {line["source"] for line in logs} == {"stdout"}  # running_log.txt repeats stdout's lines
     assert {"all_results.json", "training_loss.png", "trainer_log.jsonl"} <= set(
         panel.api.get(f"/api/v1/runs/{run_id}/artifacts").json()
     )
     assert run["results"]["epoch"] == 1.0
-    assert run["adapter_path"] == str(panel.run_dir(run_id) / "output")
     assert [c["complete"] for c in run["checkpoints"]] == [True] * len(run["checkpoints"]) != []
+    # The adapter and every checkpoint travelled to the panel's artifact store.
+    assert run["has_adapter"] is True
+    stored = panel.api.get(f"/api/v1/runs/{run_id}/checkpoints").json()
+    assert [c["name"] for c in stored if c["stored"]] == [c["name"] for c in run["checkpoints"]]
+    download = panel.api.get(f"/api/v1/runs/{run_id}/download")
+    assert download.status_code == 200 and b"adapter_model.safetensors" in download.content
     assert set(run["lineage"]["versions"]) == {"llamafactory", "transformers", "peft", "torch"}
     assert run["lineage"]["versions"]["llamafactory"] == "0.9.5"
     print(f"\n[{panel.live.env.get('TUNEBOARD_BROKER_URL', 'embedded')}] {panel.timings(run_id)}")
@@ -187,7 +193,7 @@ def test_cancel_mid_run_saves_the_adapter(panel: Panel) -> None:
     assert run["status"] == "cancelled" and run["exit_code"] == 0, run["status_reason"]
     assert run["current_step"] < run["total_steps"]
     assert (panel.run_dir(run_id) / "output" / "adapter_model.safetensors").is_file()
-    assert run["adapter_path"] is not None
+    assert run["has_adapter"] is True
     print(f"\n{panel.timings(run_id)}")
 
 
@@ -236,9 +242,13 @@ def test_resume_continues_from_the_checkpoint_and_reports_the_later_steps_again(
 @on_redis
 def test_a_task_delivered_twice_starts_one_process(panel: Panel) -> None:
     run_id = panel.start(panel.config())
+    dispatched = panel.wait_for(lambda: panel.run(run_id)["dispatched_worker_id"], "the dispatch")
+    panel.session.expire_all()
+    dispatch_id = panel.session.get(Run, run_id).dispatch_id
     # The same message again, as Redis redelivers it after visibility_timeout.
     sender = make_celery(Settings(broker_url=REDIS_URL, data_dir=panel.data_dir))
-    sender.send_task("tuneboard.train", args=(run_id, 1), queue=TRAIN_QUEUE)
+    task = {"run_id": run_id, "attempt": 1, "dispatch_id": dispatch_id, "gpu_ids": []}
+    sender.send_task(TRAIN_TASK, kwargs={"task": task}, queue=worker_queue(dispatched))
     run = panel.wait(run_id, FINISHED)
     assert run["status"] == "succeeded", run["status_reason"]
     log = panel.worker_log.read_text()

@@ -8,12 +8,10 @@ same tasks go through Redis and workers can live on other machines.
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import celeryd_after_setup
 
 from app.settings import Settings, get_settings
-
-TRAIN_QUEUE = "train"
-SERVE_QUEUE = "serve"
-DEFAULT_QUEUE = "default"
+from app.wire import DEFAULT_QUEUE, worker_queue
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -45,8 +43,9 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         # Acknowledged on receipt: a training task runs for hours, and an unacknowledged one is
         # what kombu 5.7's Redis channel fails to restore when the connection drops ("Unrecoverable
-        # error", the worker exits: tests/test_faults.py). A worker that dies mid-run loses its run
-        # to the heartbeat check instead (→ lost, retry), and the claim still guards any duplicate.
+        # error", the worker exits: tests/test_faults.py). Nothing is lost by it: the panel
+        # dispatches again what is not claimed in time, a worker that dies mid-run loses its run to
+        # the heartbeat check (→ lost, resume), and the claim guards any duplicate.
         task_acks_late=False,
         task_reject_on_worker_lost=False,
         worker_prefetch_multiplier=1,
@@ -57,15 +56,22 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
-def declare_queues(celery: Celery) -> None:
-    """Create every queue up front. With the embedded transport, two processes declaring the same
-    queue at once race on a UNIQUE row (the loser's worker dies), so `tuneboard up` declares them
-    before it starts the web app and the worker."""
+def declare_queues(celery: Celery, worker_ids: list[str]) -> None:
+    """Create the queues up front. With the embedded transport, two processes declaring the same
+    queue at once race on a UNIQUE row (the loser's worker dies), so `tuneboard up` declares its
+    worker's queues before it starts the web app and the worker."""
     with celery.connection_for_write() as connection:
         channel = connection.default_channel
-        for name in (TRAIN_QUEUE, SERVE_QUEUE, DEFAULT_QUEUE):
+        for name in (DEFAULT_QUEUE, *map(worker_queue, worker_ids)):
             celery.amqp.queues.select_add(name)
             celery.amqp.queues[name](channel).declare()
+
+
+@celeryd_after_setup.connect
+def _consume_own_queue(sender: str, instance, **_kwargs) -> None:
+    """Every worker consumes a queue of its own, named after it: the panel schedules, and sends a
+    task to the one worker that has room for it."""
+    instance.app.amqp.queues.select_add(worker_queue(sender))
 
 
 celery_app = make_celery(get_settings())

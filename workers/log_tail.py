@@ -1,5 +1,5 @@
 """Following a run's files by byte offset: LLaMA-Factory's `trainer_log.jsonl` (metric points and
-progress), its `running_log.txt` and the process's stdout log (log lines).
+progress) and the process's stdout log (log lines).
 
 A line is only taken once its newline is there (the writers append from background threads,
 so the last line may be half-written); a file that shrinks or is replaced (a new inode: e.g.
@@ -174,16 +174,16 @@ class TailBatch:
 
 
 class RunTails:
-    """The three files of one run attempt. `resume` skips what trainer_log.jsonl already holds
-    (the earlier attempt reported it); the log files are fresh for each attempt."""
+    """The two files of one run attempt. `resume` skips what trainer_log.jsonl already holds
+    (the earlier attempt reported it); the stdout log is fresh for each attempt.
+
+    LLaMA-Factory's running_log.txt is not followed: it is a copy of the logger lines that the
+    process also writes to stderr (which the stdout log captures), so every line came twice."""
 
     def __init__(self, output_dir: Path, stdout_log: Path, *, resume: bool = False) -> None:
         trainer_log = output_dir / "trainer_log.jsonl"
         self.trainer_log = FileTail.from_end(trainer_log) if resume else FileTail(trainer_log)
-        self.log_sources = {
-            "running_log": FileTail(output_dir / "running_log.txt"),
-            "stdout": FileTail(stdout_log),
-        }
+        self.log_sources = {"stdout": FileTail(stdout_log)}
 
     def read(self, *, final: bool = False) -> TailBatch:
         batch = TailBatch()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,14 @@ class Reporter:
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.request("GET", path, **kwargs)
+
+    def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One attempt, not retried: a streamed body cannot be sent twice (the caller resumes)."""
+        return self._client.request(method, path, **kwargs)
+
+    def stream(self, method: str, path: str, **kwargs: Any) -> AbstractContextManager[httpx.Response]:
+        """One streamed response, not retried: the caller resumes a broken download by range."""
+        return self._client.stream(method, path, **kwargs)
 
     def download(self, path: str, destination: Path, *, retry_for_s: float = 300.0) -> str:
         """Stream a file to `destination` (written whole or not at all, retried like any call);

@@ -1,9 +1,12 @@
-"""One training attempt on this worker: claim it, prepare the run folder, run
-`llamafactory-cli train`, report what it logs, stop it when asked, report how it ended.
+"""One training attempt on this worker: claim the attempt the panel dispatched here, prepare the
+run folder (datasets and, for a resume, the checkpoint come from the panel), run
+`llamafactory-cli train` on the GPUs the panel handed out, report what it logs, upload each
+complete checkpoint and the final adapter to the artifact store, stop it when asked, report how
+it ended.
 
-The app is the only database writer; everything here goes through the Reporter (see
-docs of the run contract). Every report is idempotent there, so anything not acknowledged is
-kept and sent again: a metric line is never dropped because the app was briefly away.
+The panel is the only database writer; everything here goes through the Reporter and the
+payloads of app/wire.py. Every report is idempotent there, so anything not acknowledged is kept
+and sent again: a metric line is never dropped because the panel was briefly away.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import socket
 import subprocess
@@ -28,7 +32,24 @@ import yaml
 from celery.signals import worker_shutting_down
 
 from app.settings import Settings, get_settings
-from workers.gpu_pool import get_gpu_pool
+from app.wire import (
+    ADAPTER_ARTIFACT,
+    CHECKPOINT_COMPLETE_MARKER,
+    CHECKPOINT_PATTERN,
+    DATASET_DIR_PLACEHOLDER,
+    OUTPUT_DIR_PLACEHOLDER,
+    RESULT_FILES,
+    CheckpointReport,
+    ClaimRequest,
+    DatasetFile,
+    EventsReply,
+    EventsRequest,
+    FinishRequest,
+    Outcome,
+    RunSpec,
+    TrainTask,
+)
+from workers import artifacts
 from workers.gpus import gpu_stats
 from workers.log_tail import RunTails, TailBatch
 from workers.process import ManagedProcess
@@ -46,12 +67,11 @@ SHUTDOWN_GRACE_S = 8.0
 # Stopping an attempt the app no longer wants (declared lost, deleted, superseded).
 SUPERSEDED_GRACE_S = 5.0
 FAILURE_TAIL_LINES = 30
-ARTIFACTS = (
-    "training_loss.png", "training_eval_loss.png", "all_results.json", "train_results.json",
-    "eval_results.json", "trainer_log.jsonl",
-)
-CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
-PLACEHOLDERS = {"{OUTPUT_DIR}": "__TUNEBOARD_OUTPUT_DIR__", "{DATASET_DIR}": "__TUNEBOARD_DATASET_DIR__"}
+# How often the supervisor looks for newly completed checkpoints to upload.
+CHECKPOINT_SCAN_S = 2.0
+# Uploads still running when the trainer exits get this long to finish before the finish report.
+UPLOAD_DRAIN_S = 1800.0
+PLACEHOLDERS = {OUTPUT_DIR_PLACEHOLDER: "__TUNEBOARD_OUTPUT_DIR__", DATASET_DIR_PLACEHOLDER: "__TUNEBOARD_DATASET_DIR__"}
 VERSION_PACKAGES = ("llamafactory", "transformers", "peft", "torch")
 # The worker's own configuration (its secrets included) is none of the trainer's business.
 _PRIVATE_ENV = re.compile(r"^(TUNEBOARD_|VIRTUAL_ENV$|PYTHONPATH$|PYTHONHOME$)")
@@ -61,23 +81,16 @@ class PreparationFailed(RuntimeError):
     pass
 
 
-class WorkerShuttingDown(RuntimeError):
-    pass
-
-
 # --------------------------------------------------------------------------- the worker's runs
 _active_runs: dict[tuple[int, int], "TrainingRun"] = {}
 _active_lock = threading.Lock()
 _shutting_down = threading.Event()
 
 
-def running_runs() -> list[dict[str, Any]]:
-    """What this worker trains now, for its heartbeat: [{"run_id", "attempt", "gpu_ids"}]."""
+def active_run_ids() -> set[int]:
+    """The runs this worker trains now (their folders are never forgotten)."""
     with _active_lock:
-        return [
-            {"run_id": run.run_id, "attempt": run.attempt, "gpu_ids": run.gpu_ids}
-            for run in _active_runs.values()
-        ]
+        return {run_id for run_id, _attempt in _active_runs}
 
 
 @worker_shutting_down.connect
@@ -92,53 +105,35 @@ def _stop_runs_on_shutdown(**_kwargs: Any) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
-def train(run_id: int, attempt: int, *, worker_id: str, task_id: str, gpus: int | None) -> str:
-    """Reserve GPUs, claim the attempt and train it; returns a one-line summary.
-
-    `gpus` comes with the task so that GPUs are reserved before the claim; None (a task sent
-    without it) means: claim first, then take the GPUs the claim asks for if they are free.
-    Raises NotEnoughGpus (can never run here) and WorkerShuttingDown before claiming, for the
-    task to give the message back to the queue; AppUnavailable when the claim can't be sent.
-    """
+def train(task: TrainTask, *, worker_id: str, instance_id: str, task_id: str) -> str:
+    """Claim the dispatched attempt and train it; returns a one-line summary. An attempt that is
+    not claimable (redelivered, superseded, cancelled) is left alone; one this worker cannot
+    claim now (shutting down, the panel unreachable) is left to the panel, which dispatches it
+    again when no claim arrives."""
+    if _shutting_down.is_set():
+        log.info("run %s attempt %s: not claimed, the worker is shutting down", task.run_id, task.attempt)
+        return "not claimed: shutting down"
     settings = get_settings()
-    pool = get_gpu_pool()
-    gpu_ids = _reserve(pool, gpus or 0)
     reporter = Reporter(settings, timeout_s=5.0)
     try:
         claimed_at = time.monotonic()
-        response = reporter.post(f"/runs/{run_id}/claim", json={
-            "attempt": attempt, "worker_id": worker_id, "task_id": task_id, "gpu_ids": gpu_ids,
-            "hostname": socket.gethostname(),
-        })
+        claim = ClaimRequest(attempt=task.attempt, dispatch_id=task.dispatch_id, worker_id=worker_id,
+                             instance_id=instance_id, task_id=task_id, hostname=socket.gethostname())
+        try:
+            response = reporter.post(f"/runs/{task.run_id}/claim", json=claim.model_dump(), retry_for_s=60.0)
+        except AppUnavailable as error:
+            log.warning("run %s attempt %s: claim not delivered (%s); the panel dispatches it again",
+                        task.run_id, task.attempt, error)
+            return "not claimed: panel unavailable"
         if response.status_code in (404, 409):
-            log.info("run %s attempt %s not claimed: %s", run_id, attempt, response.json().get("detail"))
+            log.info("run %s attempt %s not claimed: %s", task.run_id, task.attempt, response.json().get("detail"))
             return "not claimable"
         response.raise_for_status()
-        claim = response.json()
-        run = TrainingRun(claim, worker_id=worker_id, gpu_ids=gpu_ids, settings=settings,
-                          reporter=reporter, claimed_at=claimed_at)
-        if claim["gpus"] > len(gpu_ids):  # the task did not say how many GPUs
-            extra = pool.reserve(claim["gpus"] - len(gpu_ids), timeout_s=0) if claim["gpus"] <= pool.total else None
-            if extra is None:
-                return run.fail_before_start(
-                    f"worker {worker_id} has no {claim['gpus']} free GPU(s) for this run"
-                )
-            gpu_ids += extra
-            run.gpu_ids = gpu_ids
+        spec = RunSpec.model_validate(response.json())
+        run = TrainingRun(spec, worker_id=worker_id, settings=settings, reporter=reporter, claimed_at=claimed_at)
         return run.execute()
     finally:
-        pool.release(gpu_ids)
         reporter.close()
-
-
-def _reserve(pool: Any, count: int) -> list[int]:
-    """Wait for `count` free GPUs, but give up if the worker starts shutting down."""
-    while True:
-        if _shutting_down.is_set():
-            raise WorkerShuttingDown("the worker is shutting down")
-        gpu_ids = pool.reserve(count, timeout_s=1.0)
-        if gpu_ids is not None:
-            return gpu_ids
 
 
 # --------------------------------------------------------------------------- one attempt
@@ -195,19 +190,57 @@ class _Outbox:
         self.news = False
 
 
+class CheckpointUploader:
+    """Uploads complete checkpoints to the artifact store in the background, one at a time, so
+    that the supervisor keeps tailing and reporting while they travel."""
+
+    def __init__(self, run: "TrainingRun") -> None:
+        self.run = run
+        self.reporter = Reporter(run.settings)
+        self.uploaded: set[str] = set()
+        self._seen: set[str] = set()
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name=f"upload-run-{run.run_id}", daemon=True)
+        self._thread.start()
+
+    def scan(self) -> None:
+        for checkpoint in list_checkpoints(self.run.output_dir):
+            if checkpoint.complete and checkpoint.name not in self._seen:
+                self._seen.add(checkpoint.name)
+                self._queue.put(checkpoint.name)
+
+    def _loop(self) -> None:
+        while (name := self._queue.get()) is not None:
+            folder = self.run.output_dir / name
+            try:
+                artifacts.upload_folder(self.reporter, self.run.run_id, self.run.attempt, self.run.worker_id,
+                                        folder, name, int(CHECKPOINT_PATTERN.match(name)[1]))
+                self.uploaded.add(name)
+            except Exception:  # a checkpoint deleted meanwhile (save_total_limit), the panel away
+                log.exception("%s: upload of %s failed", self.run.tag, name)
+
+    def drain(self, timeout_s: float) -> None:
+        """Upload what is complete now, then wait for the queue to empty."""
+        self.scan()
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("%s: checkpoint uploads still running after %.0f s", self.run.tag, timeout_s)
+        self.reporter.close()
+
+
 class TrainingRun:
     def __init__(
-        self, claim: dict[str, Any], *, worker_id: str, gpu_ids: list[int], settings: Settings,
-        reporter: Reporter, claimed_at: float,
+        self, spec: RunSpec, *, worker_id: str, settings: Settings, reporter: Reporter, claimed_at: float,
     ) -> None:
-        self.claim = claim
-        self.run_id: int = claim["run_id"]
-        self.attempt: int = claim["attempt"]
+        self.spec = spec
+        self.run_id = spec.run_id
+        self.attempt = spec.attempt
         self.worker_id = worker_id
-        self.gpu_ids = gpu_ids
+        self.gpu_ids = spec.gpu_ids
         self.settings = settings
         self.reporter = reporter
-        self.heartbeat_interval_s = float(claim.get("heartbeat_interval_s") or settings.heartbeat_interval_s)
+        self.heartbeat_interval_s = spec.heartbeat_interval_s
         self.run_dir = settings.path("runs", str(self.run_id))
         self.output_dir = self.run_dir / "output"
         self.stdout_log = self.run_dir / "stdout.log"
@@ -218,6 +251,7 @@ class TrainingRun:
         self._last_report_at = 0.0
         self._gpu_sample: dict[str, float] = {}
         self._gpu_sampled_at = 0.0
+        self._uploader: CheckpointUploader | None = None
         self.timings: dict[str, float] = {"claimed": claimed_at}
 
     @property
@@ -242,6 +276,7 @@ class TrainingRun:
             except (PreparationFailed, OSError, AppUnavailable) as error:
                 return self.fail_before_start(f"could not prepare the run folder: {error}")
             self.process = ManagedProcess(command, env, self.run_dir, self.stdout_log)
+            self._uploader = CheckpointUploader(self)
             self.timings["started"] = time.monotonic()
             log.info("%s: started %s (pid %s, GPUs %s)", self.tag, " ".join(command), self.process.pid,
                      self.gpu_ids or "none")
@@ -252,6 +287,8 @@ class TrainingRun:
             log.exception("%s: supervisor failed", self.tag)
             if self.process is not None and self.process.poll() is None:
                 self.process.stop(SUPERSEDED_GRACE_S)
+            if self._uploader is not None:
+                self._uploader.drain(0)
             self._send_finish("failed", None, f"the worker's supervisor failed:\n{traceback.format_exc()}")
             return "failed"
         finally:
@@ -269,21 +306,19 @@ class TrainingRun:
         data_dir = self.run_dir / "data"
         data_dir.mkdir(exist_ok=True)
         local_names = {}
-        for dataset in self.claim["datasets"]:
-            local_names[dataset["file_name"]] = self._fetch_dataset(dataset, data_dir)
+        for dataset in self.spec.datasets:
+            local_names[dataset.file_name] = self._fetch_dataset(dataset, data_dir)
         # dataset_dir is the run folder; the files live under data/ (see the contract).
         dataset_info = {
             name: {**entry, "file_name": f"data/{local_names.get(entry.get('file_name'), entry.get('file_name'))}"}
             if "file_name" in entry else entry
-            for name, entry in self.claim["dataset_info"].items()
+            for name, entry in self.spec.dataset_info.items()
         }
         (self.run_dir / "dataset_info.json").write_text(json.dumps(dataset_info, indent=2, ensure_ascii=False))
-        config = render_train_yaml(self.claim["train_yaml"], output_dir=self.output_dir, dataset_dir=self.run_dir)
-        checkpoint = self.claim.get("resume_from_checkpoint")
+        config = render_train_yaml(self.spec.train_yaml, output_dir=self.output_dir, dataset_dir=self.run_dir)
+        checkpoint = self.spec.resume_from_checkpoint
         if checkpoint:
-            checkpoint_dir = self.output_dir / checkpoint
-            if not CHECKPOINT_DIR.match(checkpoint) or not (checkpoint_dir / "trainer_state.json").is_file():
-                raise PreparationFailed(f"no complete checkpoint {checkpoint!r} in {self.output_dir}")
+            checkpoint_dir = self._resume_checkpoint(checkpoint)
             config["resume_from_checkpoint"] = str(checkpoint_dir)
             config["overwrite_output_dir"] = False
         (self.run_dir / "train.yaml").write_text(
@@ -296,19 +331,36 @@ class TrainingRun:
         self.tails = RunTails(self.output_dir, self.stdout_log, resume=bool(checkpoint))
         return [self.settings.llamafactory_cli, "train", "train.yaml"], self._environment()
 
-    def _fetch_dataset(self, dataset: dict[str, Any], data_dir: Path) -> str:
+    def _resume_checkpoint(self, name: str) -> Path:
+        """The checkpoint to resume from: on this disk when this worker saved it, else fetched
+        from the artifact store into the output folder."""
+        folder = self.output_dir / name
+        if not CHECKPOINT_PATTERN.match(name):
+            raise PreparationFailed(f"{name!r} is not a checkpoint name")
+        if (folder / CHECKPOINT_COMPLETE_MARKER).is_file():
+            return folder
+        if self.spec.resume_manifest is None:
+            raise PreparationFailed(f"no complete checkpoint {name!r} here nor in the artifact store")
+        artifacts.fetch_manifest(self.reporter, self.spec.resume_manifest, self._cache_dir)
+        artifacts.materialize_into(self.spec.resume_manifest, self._cache_dir, folder)  # replaces a partial copy
+        return folder
+
+    @property
+    def _cache_dir(self) -> Path:
+        return self.settings.path("cache")
+
+    def _fetch_dataset(self, dataset: DatasetFile, data_dir: Path) -> str:
         """Download a dataset file unless the same content is already there. Always a download,
-        even for the embedded worker that shares the app's data dir: one code path, and the
-        run folder never aliases the app's stored file."""
-        name = Path(dataset["file_name"]).name
+        even for the embedded worker that shares the panel's data dir: one code path, and the
+        run folder never aliases the panel's stored file."""
+        name = Path(dataset.file_name).name
         target = data_dir / name
-        if target.is_file() and _sha256(target) == dataset["sha256"]:
+        if target.is_file() and _sha256(target) == dataset.sha256:
             return name
-        path = dataset["url"].removeprefix("/internal/v1")
-        digest = self.reporter.download(path, target)
-        if digest != dataset["sha256"]:
+        digest = self.reporter.download(dataset.url.removeprefix("/internal/v1"), target)
+        if digest != dataset.sha256:
             target.unlink(missing_ok=True)
-            raise PreparationFailed(f"dataset {dataset['name']}: sha256 {digest} instead of {dataset['sha256']}")
+            raise PreparationFailed(f"dataset {dataset.name}: sha256 {digest} instead of {dataset.sha256}")
         return name
 
     def _environment(self) -> dict[str, str]:
@@ -331,8 +383,9 @@ class TrainingRun:
 
     # ----------------------------------------------------------------------- supervision
     def _supervise(self) -> int:
-        assert self.process is not None
+        assert self.process is not None and self._uploader is not None
         outbox = _Outbox()
+        next_scan = 0.0
         while True:
             exit_code = self.process.poll()
             outbox.add(self.tails.read(final=exit_code is not None))
@@ -343,6 +396,9 @@ class TrainingRun:
             if stop is not None:
                 self.process.request_stop(max(0.0, stop.asked_at + stop.grace_s - time.monotonic()))
             now = time.monotonic()
+            if now >= next_scan:
+                self._uploader.scan()
+                next_scan = now + CHECKPOINT_SCAN_S
             due = outbox.news or now - self._last_report_at >= self.heartbeat_interval_s
             if due and now >= self._next_report_at:
                 self._report(outbox)
@@ -354,9 +410,9 @@ class TrainingRun:
             payload = outbox.take()
             self._add_gpu_sample(payload["metrics"])
             try:
+                request = EventsRequest(attempt=self.attempt, worker_id=self.worker_id, **payload)
                 response = self.reporter.post(
-                    f"/runs/{self.run_id}/events",
-                    json={"attempt": self.attempt, "worker_id": self.worker_id, **payload},
+                    f"/runs/{self.run_id}/events", json=request.model_dump(exclude_none=True),
                     retry_for_s=120.0 if final else 0.0,
                 )
             except AppUnavailable as error:
@@ -379,7 +435,7 @@ class TrainingRun:
             if payload["metrics"] and "first_metric" not in self.timings:
                 self.timings["first_metric"] = now
             outbox.acknowledge(payload)
-            if response.json().get("cancel"):
+            if EventsReply.model_validate(response.json()).cancel:
                 self.request_stop("cancelled by the user", self.settings.cancel_grace_s)
             if not (final and outbox.news):
                 return
@@ -413,36 +469,50 @@ class TrainingRun:
             outcome = "failed"
             reason = f"llamafactory-cli exited with {exit_code}:\n" + _last_lines(self.stdout_log, FAILURE_TAIL_LINES)
         if not self._app_gone:
-            self._upload_artifacts()
-            self._send_finish(outcome, exit_code, reason)
+            if self._uploader is not None:
+                self._uploader.drain(UPLOAD_DRAIN_S)
+            has_adapter = self._upload_adapter()
+            self._upload_result_files()
+            self._send_finish(outcome, exit_code, reason, has_adapter=has_adapter)
         self._log_timings(outcome, exit_code)
         return outcome
 
-    def _upload_artifacts(self) -> None:
-        for name in ARTIFACTS:
+    def _upload_adapter(self) -> bool:
+        """The final adapter (the top level of the output folder), when the attempt saved one."""
+        if not (self.output_dir / "adapter_config.json").is_file():
+            return False
+        try:
+            artifacts.upload_folder(self.reporter, self.run_id, self.attempt, self.worker_id, self.output_dir,
+                                    ADAPTER_ARTIFACT, None)
+        except Exception:
+            log.exception("%s: upload of the final adapter failed", self.tag)
+            return False
+        return True
+
+    def _upload_result_files(self) -> None:
+        for name in RESULT_FILES:
             path = self.output_dir / name
             if not path.is_file():
                 continue
             try:
                 response = self.reporter.post(
-                    f"/runs/{self.run_id}/artifacts",
+                    f"/runs/{self.run_id}/results",
                     data={"attempt": str(self.attempt), "name": name},
                     files={"file": (name, path.read_bytes())},
                 )
                 if response.status_code != 200:
-                    log.error("%s: artifact %s refused (%s): %s", self.tag, name, response.status_code, response.text)
+                    log.error("%s: result file %s refused (%s): %s", self.tag, name, response.status_code, response.text)
             except AppUnavailable as error:
-                log.error("%s: artifact %s not delivered: %s", self.tag, name, error)
+                log.error("%s: result file %s not delivered: %s", self.tag, name, error)
 
-    def _send_finish(self, outcome: str, exit_code: int | None, reason: str) -> None:
-        body = {
-            "attempt": self.attempt, "worker_id": self.worker_id, "outcome": outcome,
-            "exit_code": exit_code, "reason": reason, "results": _read_json(self.output_dir / "all_results.json"),
-            "checkpoints": list_checkpoints(self.output_dir), "adapter_path": _adapter_path(self.output_dir),
-            "output_dir": str(self.output_dir), "versions": training_env_versions(self.settings.train_python),
-        }
+    def _send_finish(self, outcome: Outcome, exit_code: int | None, reason: str, *, has_adapter: bool = False) -> None:
+        body = FinishRequest(
+            attempt=self.attempt, worker_id=self.worker_id, outcome=outcome, exit_code=exit_code, reason=reason,
+            results=_read_json(self.output_dir / "all_results.json"), checkpoints=list_checkpoints(self.output_dir),
+            has_adapter=has_adapter, versions=training_env_versions(self.settings.train_python),
+        )
         try:
-            response = self.reporter.post(f"/runs/{self.run_id}/finish", json=body, retry_for_s=600.0)
+            response = self.reporter.post(f"/runs/{self.run_id}/finish", json=body.model_dump(), retry_for_s=600.0)
         except AppUnavailable as error:
             log.error("%s: finish (%s) not delivered; the app will mark the run lost: %s", self.tag, outcome, error)
             return
@@ -483,14 +553,14 @@ def render_train_yaml(text: str, *, output_dir: Path, dataset_dir: Path) -> dict
     return {key: substitute(value) for key, value in config.items()}
 
 
-def list_checkpoints(output_dir: Path) -> list[dict[str, Any]]:
+def list_checkpoints(output_dir: Path) -> list[CheckpointReport]:
     """checkpoint-N folders; complete once their trainer_state.json (written last) exists."""
     found = []
     for path in output_dir.glob("checkpoint-*") if output_dir.is_dir() else ():
-        if (match := CHECKPOINT_DIR.match(path.name)) and path.is_dir():
-            found.append({"name": path.name, "step": int(match[1]),
-                          "complete": (path / "trainer_state.json").is_file()})
-    return sorted(found, key=lambda checkpoint: checkpoint["step"])
+        if (match := CHECKPOINT_PATTERN.match(path.name)) and path.is_dir():
+            found.append(CheckpointReport(name=path.name, step=int(match[1]),
+                                          complete=(path / CHECKPOINT_COMPLETE_MARKER).is_file()))
+    return sorted(found, key=lambda checkpoint: checkpoint.step)
 
 
 @lru_cache
@@ -512,10 +582,6 @@ def training_env_versions(train_python: str) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError, ValueError) as error:
         log.error("could not read the training environment's versions: %s", error)
         return {}
-
-
-def _adapter_path(output_dir: Path) -> str | None:
-    return str(output_dir) if (output_dir / "adapter_config.json").is_file() else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import typer
 
 from app.cli.supervisor import Supervisor
 from app.settings import get_settings
+from app.wire import DEFAULT_QUEUE
 
 cli = typer.Typer(help="Tuneboard: fine-tune LLMs with LLaMA-Factory from a browser.", no_args_is_help=True)
 
@@ -23,15 +25,21 @@ def _web_command(host: str, port: int) -> list[str]:
     ]
 
 
-def _worker_command(queues: str, concurrency: int, name: str | None) -> list[str]:
-    command = [
+def _worker_command(name: str) -> list[str]:
+    """A Celery worker named `name`: it consumes the default queue and one of its own (see
+    workers/celery_app.py), with a thread for each run and server its capacity allows at once,
+    plus two for adapter loads and pings."""
+    from workers.gpus import worker_gpu_indices
+    from workers.heartbeat import cpu_train_slots
+
+    settings = get_settings()
+    gpus = worker_gpu_indices()
+    concurrency = len(gpus) + cpu_train_slots(settings, gpus) + settings.worker_serve_slots + 2
+    return [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-        "-Q", queues, "--pool", "threads", "--concurrency", str(concurrency),
-        "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        "-Q", DEFAULT_QUEUE, "--pool", "threads", "--concurrency", str(concurrency),
+        "--loglevel", "INFO", "--without-gossip", "--without-mingle", "-n", name,
     ]
-    if name:
-        command += ["-n", name]
-    return command
 
 
 @cli.command()
@@ -40,7 +48,8 @@ def up(
     port: Annotated[int, typer.Option()] = 0,
     demo: Annotated[bool, typer.Option(help="Build and register the tiny demo model and dataset.")] = False,
 ) -> None:
-    """The web app and one embedded worker; Ctrl-C stops both and every child they started."""
+    """The web app and one embedded worker (started again if it dies); Ctrl-C stops both and
+    every child they started."""
     settings = get_settings()
     host, port = host or settings.host, port or settings.port
     if demo:
@@ -50,10 +59,11 @@ def up(
         os.environ["TUNEBOARD_APP_URL"] = f"http://{local}:{port}"
     from workers.celery_app import celery_app, declare_queues
 
-    declare_queues(celery_app)
+    worker_name = f"embedded@{socket.gethostname()}"
+    declare_queues(celery_app, [worker_name])
     supervisor = Supervisor()
     supervisor.start("web", _web_command(host, port))
-    supervisor.start("worker", _worker_command("train,serve,default", 4, "embedded@%h"))
+    supervisor.start("worker", _worker_command(worker_name), restart=True)
     typer.echo(f"Tuneboard is up at http://{host}:{port}  (Ctrl-C stops it)")
     raise typer.Exit(supervisor.wait())
 
@@ -71,17 +81,19 @@ def web(
 @cli.command()
 def worker(
     broker: Annotated[str | None, typer.Option(help="redis://host:6379/0 of the panel's broker.")] = None,
-    gpus: Annotated[str | None, typer.Option(help="GPU indices this worker may use, e.g. 0,1.")] = None,
-    queues: Annotated[str, typer.Option(help="Queues to consume.")] = "train,serve,default",
-    concurrency: Annotated[int, typer.Option(help="Tasks at once (runs on disjoint GPUs).")] = 4,
+    gpus: Annotated[str | None, typer.Option(help="GPU indices this worker may use, e.g. 0,1, or none.")] = None,
+    cpu_slots: Annotated[int | None, typer.Option(help="Runs on the CPU at once (default 1 without GPUs, else 0).")] = None,
+    serve_slots: Annotated[int | None, typer.Option(help="Inference servers at once (0: this worker never serves).")] = None,
+    advertise_host: Annotated[str | None, typer.Option(help="Address the panel reaches this worker's servers at.")] = None,
     name: Annotated[str | None, typer.Option(help="Worker name; default worker@hostname.")] = None,
 ) -> None:
-    """A worker for a GPU box: trains and serves, reporting to the app over HTTP."""
-    if broker:
-        os.environ["TUNEBOARD_BROKER_URL"] = broker
-    if gpus is not None:
-        os.environ["TUNEBOARD_WORKER_GPUS"] = gpus
-    os.execv(sys.executable, _worker_command(queues, concurrency, name))
+    """A worker for a GPU box: trains and serves what the panel dispatches to it, reporting to
+    the panel over HTTP."""
+    options = {"BROKER_URL": broker, "WORKER_GPUS": gpus, "WORKER_CPU_SLOTS": cpu_slots,
+               "WORKER_SERVE_SLOTS": serve_slots, "ADVERTISE_HOST": advertise_host}
+    os.environ.update({f"TUNEBOARD_{key}": str(value) for key, value in options.items() if value is not None})
+    get_settings.cache_clear()
+    os.execv(sys.executable, _worker_command(name or f"worker@{socket.gethostname()}"))
 
 
 @cli.command("migrate")

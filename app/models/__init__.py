@@ -1,15 +1,17 @@
 """All table models, imported here so that SQLModel.metadata and Alembic see every table."""
 
+from app.models.artifact import ArtifactFile, RunArtifact, RunArtifactPublic
 from app.models.config import TrainConfig, TrainConfigPublic
 from app.models.dataset import Dataset, DatasetPublic, DatasetUpdate
 from app.models.deployment import Deployment, DeploymentStatus, InferenceServer
 from app.models.model_entry import ModelEntry, ModelEntryCreate, ModelEntryPublic
 from app.models.run import Run, RunEvent, RunLogLine, RunMetric, RunPublic, RunStatus
 from app.models.user import ApiToken, User
-from app.models.worker import Worker, WorkerHeartbeat, WorkerPublic
+from app.models.worker import Worker, WorkerPublic
 
 __all__ = [
     "ApiToken",
+    "ArtifactFile",
     "Dataset",
     "DatasetPublic",
     "DatasetUpdate",
@@ -20,6 +22,8 @@ __all__ = [
     "ModelEntryCreate",
     "ModelEntryPublic",
     "Run",
+    "RunArtifact",
+    "RunArtifactPublic",
     "RunEvent",
     "RunLogLine",
     "RunMetric",
@@ -29,6 +33,5 @@ __all__ = [
     "TrainConfigPublic",
     "User",
     "Worker",
-    "WorkerHeartbeat",
     "WorkerPublic",
 ]

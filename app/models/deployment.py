@@ -8,7 +8,7 @@ from enum import StrEnum
 from sqlalchemy import Column, Text
 from sqlmodel import Field, SQLModel
 
-from app.models.base import created_at_field, timestamp_field
+from app.models.base import created_at_field, json_field, timestamp_field
 
 
 class DeploymentStatus(StrEnum):
@@ -47,8 +47,17 @@ class InferenceServer(SQLModel, table=True):
     template: str | None = None
     status: DeploymentStatus = DeploymentStatus.pending
     status_reason: str = ""
+    # The panel's dispatch of a pending server to one worker (see Run.dispatch_id).
+    dispatch_id: str | None = None
+    dispatched_worker_id: str | None = None
+    dispatched_at: datetime | None = timestamp_field()
+    gpu_ids: list[int] = json_field(list)
     worker_id: str | None = None
+    # The worker process that claimed it (a restarted worker's servers died with it).
+    worker_instance: str | None = None
     url: str | None = None
+    # The bearer secret the server requires (vLLM's --api-key): only the gateway sends it.
+    api_key: str = ""
     pid: int | None = None
     max_lora_rank: int = 16
     max_model_len: int = 2048
@@ -70,7 +79,8 @@ class Deployment(SQLModel, table=True):
     # None: the run's final adapter; else a "checkpoint-N" folder of its output.
     checkpoint: str | None = None
     server_id: int | None = Field(default=None, foreign_key="inference_server.id")
-    adapter_path: str | None = None
+    # The served adapter's content address (app.wire.ArtifactManifest.digest).
+    artifact_digest: str = ""
     # The adapter's name inside the server (vLLM's lora_name; LLaMA-Factory's API_MODEL_NAME).
     lora_name: str = ""
     lora_rank: int = 0
@@ -94,7 +104,7 @@ class DeploymentPublic(SQLModel):
     run_id: int | None
     checkpoint: str | None
     server_id: int | None
-    adapter_path: str | None
+    artifact_digest: str
     lora_name: str
     lora_rank: int
     status: DeploymentStatus
@@ -111,12 +121,16 @@ class InferenceServerPublic(SQLModel):
     base_name: str
     status: DeploymentStatus
     status_reason: str
+    gpu_ids: list[int]
     worker_id: str | None
     url: str | None
     pid: int | None
     max_lora_rank: int
     max_model_len: int
+    stop_requested: bool
     log_tail: str
+    # The scheduler's word on a pending server that no worker could take yet.
+    wait_reason: str | None = None
     created_at: datetime
     ready_at: datetime | None
     stopped_at: datetime | None

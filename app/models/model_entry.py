@@ -22,6 +22,8 @@ class ModelEntry(ModelEntryBase, table=True):
     dtype: str = ""
     has_chat_template: bool = False
     suggested_template: str | None = None
+    # app.wire.model_fingerprint of the folder: a worker holds this model when it reads the same.
+    fingerprint: str = ""
     created_at: datetime = created_at_field()
 
 

@@ -10,6 +10,7 @@ from sqlalchemy import Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from app.models.base import created_at_field, json_field, timestamp_field
+from app.wire import MetricPoint
 
 
 class RunStatus(StrEnum):
@@ -33,6 +34,17 @@ FINISHED_RUN_STATUSES = frozenset(
 )
 
 
+class RunPriority(StrEnum):
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+    @property
+    def rank(self) -> int:
+        """Sort key: the scheduler takes lower ranks first (FIFO within one)."""
+        return ("high", "normal", "low").index(self.value)
+
+
 class Run(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=200)
@@ -44,8 +56,20 @@ class Run(SQLModel, table=True):
     attempt: int = 1
     resume_from: str | None = None
     gpus_requested: int = 0
+    priority: RunPriority = RunPriority.normal
+    # When this attempt joined the queue (FIFO order within a priority).
+    queued_at: datetime = created_at_field()
+    # The panel's dispatch of a queued attempt to one worker: the task carries dispatch_id and
+    # only that worker's claim with it is taken; one not claimed in time is dispatched again.
+    dispatch_id: str | None = None
+    dispatched_worker_id: str | None = None
+    dispatched_at: datetime | None = timestamp_field()
+    # The GPUs the dispatch hands out (held from dispatch until the attempt ends).
     gpu_ids: list[int] = json_field(list)
     worker_id: str | None = Field(default=None, index=True)
+    # The worker process (instance) that claimed it: a restarted worker's new instance means
+    # this attempt died with the old one.
+    worker_instance: str | None = None
     task_id: str | None = None
     cancel_requested: bool = False
     # A client's key for one start request: a repeated (double-clicked) start returns the same run.
@@ -61,9 +85,8 @@ class Run(SQLModel, table=True):
     remaining_s: float | None = None
     exit_code: int | None = None
     results: dict[str, Any] = json_field()
-    # Reported by the worker at finish: where the run folder's output lives on its machine.
-    output_dir: str | None = None
-    adapter_path: str | None = None
+    # Whether the attempt saved a final adapter (it is in the artifact store as "adapter").
+    has_adapter: bool = False
     # [{"name": "checkpoint-N", "step": N, "complete": bool}]
     checkpoints: list[dict[str, Any]] = json_field(list)
     created_at: datetime = created_at_field()
@@ -81,8 +104,11 @@ class RunPublic(SQLModel):
     attempt: int
     resume_from: str | None
     gpus_requested: int
+    priority: RunPriority
+    queued_at: datetime
     gpu_ids: list[int]
     worker_id: str | None
+    dispatched_worker_id: str | None
     cancel_requested: bool
     current_step: int
     total_steps: int
@@ -93,29 +119,15 @@ class RunPublic(SQLModel):
     exit_code: int | None
     results: dict[str, Any]
     lineage: dict[str, Any]
-    output_dir: str | None
-    adapter_path: str | None
+    has_adapter: bool
     checkpoints: list[dict[str, Any]]
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
-
-
-class MetricPoint(SQLModel):
-    """One logged step as a worker reports it (fields unknown at that step stay None)."""
-
-    step: int
-    epoch: float | None = None
-    loss: float | None = None
-    eval_loss: float | None = None
-    learning_rate: float | None = None
-    tokens_per_s: float | None = None
-    total_tokens: int | None = None
-    grad_norm: float | None = None
-    gpu_util: float | None = None
-    gpu_mem_mib: float | None = None
-    elapsed_s: float | None = None
+    # The scheduler's view of a queued run (None otherwise): its place and why it waits.
+    queue_position: int | None = None
+    wait_reason: str | None = None
 
 
 class RunMetric(MetricPoint, table=True):

@@ -30,10 +30,14 @@ class ApiToken(SQLModel, table=True):
     created_at: datetime = created_at_field()
     last_used_at: datetime | None = timestamp_field()
     revoked_at: datetime | None = timestamp_field()
+    # None: it never expires; past it the token is refused like a revoked one.
+    expires_at: datetime | None = timestamp_field()
 
 
 class ApiTokenCreate(SQLModel):
     name: str = Field(min_length=1, max_length=100)
+    # None: the token never expires.
+    expires_in_days: int | None = Field(default=None, ge=1, le=3650)
 
 
 class ApiTokenPublic(SQLModel):
@@ -43,6 +47,7 @@ class ApiTokenPublic(SQLModel):
     prefix: str
     created_at: datetime
     last_used_at: datetime | None
+    expires_at: datetime | None
 
 
 class ApiTokenCreated(ApiTokenPublic):

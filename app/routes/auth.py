@@ -15,6 +15,7 @@ from app.models.user import ApiTokenCreate, ApiTokenCreated, ApiTokenPublic, Use
 from app.security import (
     clear_session,
     csrf_matches,
+    login_needs_https,
     new_csrf_token,
     password_fingerprint,
     read_session,
@@ -44,6 +45,8 @@ def _anonymous_page(request: Request, name: str, context: dict[str, Any], status
     if fresh:
         data = {"csrf": new_csrf_token()}
         request.state.session_data = data
+    # Over plain http in prod the browser drops the Secure cookie: say so rather than bounce silently.
+    context = {**context, "needs_https": login_needs_https(request)}
     response = render(request, name, context, status_code=status_code)
     if fresh:
         write_session(request, response, data)
@@ -133,24 +136,53 @@ async def logout(request: Request, session: SessionDep) -> Response:
 # ------------------------------------------------------------------ account page
 
 
+# What the token form offers: (label, days; None: until revoked).
+TOKEN_LIFETIMES = (("30 days", 30), ("90 days", 90), ("1 year", 365), ("7 days", 7), ("never", None))
+
+
+def _account_context(session: SessionDep, user: User, **extra: Any) -> dict[str, Any]:
+    return {"tokens": users.list_tokens(session, user), "lifetimes": TOKEN_LIFETIMES, "is_expired": users.is_expired,
+            "errors": {}, **extra}
+
+
 def _tokens_fragment(request: Request, session: SessionDep, user: User, **extra: Any) -> Response:
-    context = {"tokens": users.list_tokens(session, user), "errors": {}, **extra}
-    return render(request, "auth/account.html", context, block="tokens")
+    return render(request, "auth/account.html", _account_context(session, user, **extra), block="tokens")
 
 
 @router.get("/account")
 def account_page(request: Request, session: SessionDep, user: CurrentUser) -> Response:
-    context = {"tokens": users.list_tokens(session, user), "errors": {}}
-    return render(request, "auth/account.html", context)
+    return render(request, "auth/account.html", _account_context(session, user))
+
+
+@router.post("/account/password")
+def change_password_from_page(
+    request: Request, session: SessionDep, user: CurrentUser,
+    current_password: Annotated[str, Form()] = "", new_password: Annotated[str, Form()] = "",
+    new_password_again: Annotated[str, Form()] = "",
+) -> Response:
+    """htmx: the password form again, with the refusal next to its field or a confirmation."""
+    try:
+        users.change_password(session, user, current_password, new_password, new_password_again)
+    except users.UserError as error:
+        context = _account_context(session, user, password_errors={error.field: str(error)})
+        return render(request, "auth/account.html", context, block="password")
+    response = render(request, "auth/account.html", _account_context(session, user, password_changed=True),
+                      block="password")
+    # This browser stays logged in with the new password's fingerprint; every other session of
+    # this user (the old fingerprint) is logged out.
+    write_session(request, response, {**read_session(request), "pw": password_fingerprint(user.password_hash)})
+    return response
 
 
 @router.post("/account/tokens")
 def create_token_from_page(
-    request: Request, session: SessionDep, user: CurrentUser, name: Annotated[str, Form()] = ""
+    request: Request, session: SessionDep, user: CurrentUser, name: Annotated[str, Form()] = "",
+    expires_in_days: Annotated[str, Form()] = "",
 ) -> Response:
     if not name.strip():
         return _tokens_fragment(request, session, user, errors={"name": "Name the token (e.g. laptop CLI)."})
-    _token, raw = users.create_token(session, user, name[:100], kind="api")
+    days = int(expires_in_days) if expires_in_days in {str(d) for _, d in TOKEN_LIFETIMES if d} else None
+    _token, raw = users.create_token(session, user, name[:100], kind="api", expires_in_days=days)
     return _tokens_fragment(request, session, user, new_token=raw)
 
 
@@ -172,7 +204,7 @@ def list_api_tokens(session: SessionDep, user: CurrentUser) -> list[ApiTokenPubl
 @api_router.post("/tokens", status_code=status.HTTP_201_CREATED)
 def create_api_token(body: ApiTokenCreate, session: SessionDep, user: CurrentUser) -> ApiTokenCreated:
     """A new personal API token; `token` is shown in this response only."""
-    token, raw = users.create_token(session, user, body.name, kind="api")
+    token, raw = users.create_token(session, user, body.name, kind="api", expires_in_days=body.expires_in_days)
     return ApiTokenCreated.model_validate({**token.model_dump(), "token": raw})
 
 

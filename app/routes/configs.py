@@ -14,11 +14,12 @@ from starlette.datastructures import UploadFile
 from app.db import SessionDep
 from app.models import TrainConfig, TrainConfigPublic
 from app.services import configs as service
+from app.services import listings
 from app.services import llamafactory_params as catalogue
 from app.services.configs import ConfigError, TrainConfigInput
 from app.services.datasets import list_datasets, templates_or_empty
 from app.services.model_registry import list_models
-from app.services.workers import gpu_capacity_problem
+from app.services.form_defaults import new_config_defaults
 from app.templating import is_htmx, render
 
 router = APIRouter(tags=["configs-pages"], include_in_schema=False)
@@ -73,8 +74,8 @@ async def import_config(request: Request, session: SessionDep):
     if request.headers.get("content-type", "").startswith("multipart/"):
         form = await request.form()
         upload = form.get("file")
-        text = (await upload.read()).decode("utf-8", "replace") if isinstance(upload, UploadFile) else \
-            str(form.get("yaml") or "")
+        # A file's bytes: the service checks their encoding.
+        text = await upload.read() if isinstance(upload, UploadFile) else str(form.get("yaml") or "")
         name = str(form.get("name") or "") or (upload.filename.rsplit(".", 1)[0]
                                                if isinstance(upload, UploadFile) and upload.filename else "")
     else:
@@ -165,10 +166,12 @@ def _advanced_text(params: dict[str, Any]) -> str:
 
 def _form_context(session: Session, data: TrainConfigInput, *, config: TrainConfig | None = None,
                   errors: dict | None = None, warnings: dict | None = None, advanced: str | None = None,
-                  notices: list[str] | None = None) -> dict[str, Any]:
+                  notices: list[str] | None = None, **extra: Any) -> dict[str, Any]:
     models = list_models(session)
     return {
+        **extra,
         "section": "configs", "config": config, "data": data, "values": _form_values(data),
+        "section_titles": catalogue.SECTION_TITLES,
         "advanced": _advanced_text(data.params) if advanced is None else advanced,
         "gradient_checkpointing": not data.params.get("disable_gradient_checkpointing"),
         "errors": errors or {}, "warnings": warnings or {}, "notices": notices or [],
@@ -198,16 +201,19 @@ async def _submitted(request: Request) -> tuple[TrainConfigInput, str, dict[str 
 
 def _config_page(request: Request, session: Session, config: TrainConfig, **extra: Any):
     parent = service.get_config(session, config.parent_id) if config.parent_id else None
+    reference = config.params.get("model_name_or_path") if config.model_id is None else None
     context = {"section": "configs", "config": config, "yaml_text": service.export_yaml(session, config),
-               "parent": parent, "configs": service.list_configs(session),
+               "parent": parent, "configs": listings.config_choices(session),
                "estimate": service.estimate(session, service.to_input(config)),
+               "run_blockers": service.run_blockers(session, config),
+               "suggested_model": service.model_suggestion(session, str(reference)) if reference else None,
                "findings": None, **extra}
     return render(request, "configs/detail.html", context)
 
 
 @router.get("/configs")
 def configs_page(request: Request, session: SessionDep):
-    return render(request, "configs/list.html", {"section": "configs", "configs": service.list_configs(session),
+    return render(request, "configs/list.html", {"section": "configs", "configs": listings.config_rows(session),
                                                  "import_errors": {}, "import_text": ""})
 
 
@@ -215,16 +221,16 @@ def configs_page(request: Request, session: SessionDep):
 async def import_config_form(request: Request, session: SessionDep):
     form = await request.form()
     upload = form.get("file")
-    text = str(form.get("yaml") or "")
+    text: str | bytes = str(form.get("yaml") or "")
     if isinstance(upload, UploadFile) and upload.filename:
-        text = (await upload.read()).decode("utf-8", "replace")
+        text = await upload.read()
     name = str(form.get("name") or "")
     try:
         config, notices = service.import_config(session, text, name=name)
     except ConfigError as error:
         return render(request, "configs/list.html", {
-            "section": "configs", "configs": service.list_configs(session),
-            "import_errors": error.errors, "import_text": text, "import_name": name},
+            "section": "configs", "configs": listings.config_rows(session), "import_errors": error.errors,
+            "import_text": text if isinstance(text, str) else "", "import_name": name},
             status_code=200 if is_htmx(request) else 422)  # htmx swaps only 2xx answers
     page = _config_page(request, session, config, notices=notices)
     page.headers["HX-Push-Url"] = f"/configs/{config.id}"
@@ -233,19 +239,36 @@ async def import_config_form(request: Request, session: SessionDep):
 
 @router.get("/configs/new")
 def new_config_page(request: Request, session: SessionDep):
-    # A panel with a GPU worker online starts from the recommended GPU defaults.
-    gpus = 1 if gpu_capacity_problem(session, 1) is None else 0
-    data = TrainConfigInput(name="", gpus=gpus, params=catalogue.default_params(gpus))
+    # A panel with a GPU worker online starts from the recommended GPU defaults; precision and
+    # process counts follow the worker the run would land on.
+    defaults = new_config_defaults(session)
+    data = TrainConfigInput(name="", gpus=defaults.gpus, params=defaults.params)
     models = list_models(session)
     if len(models) == 1:
         data.model_id = models[0].id
         data.params["template"] = models[0].suggested_template or data.params["template"]
-    return render(request, "configs/form.html", _form_context(session, data))
+    return render(request, "configs/form.html", _form_context(session, data, worker_note=defaults.worker_note))
+
+
+def _without_dataset_unconfirmed(request_form: Any, data: TrainConfigInput) -> bool:
+    """A config with no dataset is saved only once the user confirmed it ("Save without a
+    dataset"): a run of it cannot start."""
+    return not data.dataset_ids and not data.params.get("dataset") and not request_form.get("save_without_dataset")
+
+
+def _unconfirmed_page(request: Request, session: Session, data: TrainConfigInput, advanced: str,
+                      config: TrainConfig | None = None):
+    _, found = service.check(session, data)
+    return render(request, "configs/form.html",
+                  _form_context(session, data, config=config, warnings=found.warnings, advanced=advanced,
+                                errors=found.errors, no_dataset_warning=True), status_code=422)
 
 
 @router.post("/configs/new")
 async def create_config_form(request: Request, session: SessionDep):
     data, advanced, errors = await _submitted(request)
+    if not errors and _without_dataset_unconfirmed(await request.form(), data):
+        return _unconfirmed_page(request, session, data, advanced)
     if not errors:
         try:
             config = service.create_config(session, data)
@@ -265,7 +288,7 @@ async def estimate_form(request: Request, session: SessionDep):
     data, advanced, errors = await _submitted(request)
     _, found = service.check(session, data)
     context = _form_context(session, data, errors={**found.errors, **errors}, warnings=found.warnings,
-                            advanced=advanced)
+                            advanced=advanced, fragment=True)
     return render(request, "configs/form.html", context, block="estimates")
 
 
@@ -308,6 +331,8 @@ async def update_config_form(config_id: int, request: Request, session: SessionD
             if key == "model_name_or_path" and data.model_id is not None:
                 continue
             data.params[key] = config.params[key]
+    if not errors and _without_dataset_unconfirmed(await request.form(), data):
+        return _unconfirmed_page(request, session, data, advanced, config)
     if not errors:
         try:
             saved = service.update_config(session, config, data)
@@ -319,6 +344,18 @@ async def update_config_form(config_id: int, request: Request, session: SessionD
     return render(request, "configs/form.html",
                   _form_context(session, data, config=config, errors=errors, warnings=found.warnings,
                                 advanced=advanced), status_code=422)
+
+
+@router.post("/configs/{config_id}/use-model")
+async def use_model_form(config_id: int, request: Request, session: SessionDep):
+    """The config page's offer: resolve an imported model reference to the registered model."""
+    config = _get(session, config_id)
+    model_id = str((await request.form()).get("model_id") or "")
+    try:
+        saved = service.use_model(session, config, int(model_id) if model_id.isdigit() else -1)
+    except ConfigError as error:
+        return _config_page(request, session, config, notices=list(error.errors.values()))
+    return RedirectResponse(f"/configs/{saved.id}", status_code=status.HTTP_303_SEE_OTHER)
 
 
 @router.post("/configs/{config_id}/delete")
@@ -336,7 +373,7 @@ def diff_page(a: int, b: int, request: Request, session: SessionDep):
     left, right = _get(session, a), _get(session, b)
     return render(request, "configs/diff.html", {
         "section": "configs", "a": left, "b": right, "changes": service.diff(session, left, right),
-        "configs": service.list_configs(session)})
+        "configs": listings.config_choices(session)})
 
 
 @router.get("/configs-diff")

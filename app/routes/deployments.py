@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Form, HTTPException, Request, status
+from fastapi import APIRouter, Form, HTTPException, Request, status
 from fastapi.responses import HTMLResponse
 
 from app.auth import CurrentUser
@@ -21,15 +21,19 @@ from app.models.deployment import (
 )
 from app.models.user import ApiTokenCreate, ApiTokenCreated, ApiTokenPublic
 from app.services import deployments as service
+from app.services import scheduler
+from app.services import listings
 from app.services.deployments import DeploymentError
 from app.services.users import create_token, list_tokens, revoke_token
-from app.templating import render
+from app.templating import render, templates
+from app.wire import AdapterReport, ServerClaim, ServerReply, ServerReport, ServerSpec
 
 router = APIRouter(tags=["deployments-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["deployments"])
 internal_router = APIRouter(tags=["deployments-internal"])
 
 GATEWAY_KEY = "gateway"
+templates.env.globals["server_wait_reason"] = scheduler.server_wait_reason
 
 
 def _http_error(error: DeploymentError) -> HTTPException:
@@ -40,7 +44,8 @@ def _detail(session: SessionDep, deployment: Deployment) -> DeploymentDetail:
     server = session.get(InferenceServer, deployment.server_id) if deployment.server_id else None
     return DeploymentDetail(
         **DeploymentPublic.model_validate(deployment).model_dump(),
-        server=InferenceServerPublic.model_validate(server) if server else None,
+        server=InferenceServerPublic.model_validate(
+            server, update={"wait_reason": scheduler.server_wait_reason(server.id)}) if server else None,
     )
 
 
@@ -49,15 +54,20 @@ def _detail(session: SessionDep, deployment: Deployment) -> DeploymentDetail:
 
 def _page_context(session: SessionDep, user: CurrentUser, **extra: Any) -> dict[str, Any]:
     deployments = service.list_deployments(session)
+    runs = listings.deployable_run_choices(session)
+    form = extra.pop("form", {})
+    # The adapter picker lists what the chosen run (else the newest) can serve.
+    chosen = next((run for run in runs if run.id == form.get("run_id")), runs[0] if runs else None)
     return {
         "section": "deployments",
         "deployments": deployments,
         "servers": service.servers_by_id(session, deployments),
-        "runs": service.deployable_runs(session),
+        "runs": runs,
+        "adapters": listings.adapter_choices(session, chosen) if chosen else [],
         "keys": list_tokens(session, user, kind=GATEWAY_KEY),
         "backends": list(ServeBackend),
         "busy": any(d.status in ("pending", "starting") for d in deployments),
-        "form": {},
+        "form": form,
         "errors": {},
         "new_key": None,
         **extra,
@@ -68,8 +78,9 @@ def _page_context(session: SessionDep, user: CurrentUser, **extra: Any) -> dict[
 def deployments_page(
     request: Request, session: SessionDep, user: CurrentUser, block: str | None = None, run_id: int | None = None
 ):
-    """`?run_id=N` preselects a run: the run page's Deploy button links here."""
-    blocks = {"table", "keys", "deploy_form"}
+    """`?run_id=N` preselects a run: the run page's Deploy button links here (and the run
+    picker asks for `block=adapter_picker` of the run chosen)."""
+    blocks = {"table", "keys", "deploy_form", "adapter_picker"}
     context = _page_context(session, user, form={"run_id": run_id})
     return render(request, "deployments/index.html", context, block=block if block in blocks else None)
 
@@ -101,6 +112,32 @@ def undeploy_from_page(request: Request, session: SessionDep, user: CurrentUser,
     error = None
     try:
         service.undeploy(session, deployment_id)
+    except DeploymentError as refused:
+        error = str(refused)
+    return render(request, "deployments/index.html", _page_context(session, user, table_error=error), block="table")
+
+
+@router.post("/deployments/{deployment_id}/redeploy", response_class=HTMLResponse)
+def redeploy_from_page(request: Request, session: SessionDep, user: CurrentUser, deployment_id: int):
+    """A stopped or failed deployment again: the same run, adapter, name and kind of server."""
+    error = None
+    try:
+        old = service.get_deployment(session, deployment_id)
+        server = session.get(InferenceServer, old.server_id) if old.server_id else None
+        service.create_deployment(session, DeploymentCreate(
+            run_id=old.run_id, name=old.name, checkpoint=old.checkpoint,
+            backend=server.backend if server else ServeBackend.vllm,
+        ))
+    except DeploymentError as refused:
+        error = str(refused)
+    return render(request, "deployments/index.html", _page_context(session, user, table_error=error), block="table")
+
+
+@router.post("/deployments/{deployment_id}/remove", response_class=HTMLResponse)
+def remove_from_page(request: Request, session: SessionDep, user: CurrentUser, deployment_id: int):
+    error = None
+    try:
+        service.remove_deployment(session, deployment_id)
     except DeploymentError as refused:
         error = str(refused)
     return render(request, "deployments/index.html", _page_context(session, user, table_error=error), block="table")
@@ -183,7 +220,7 @@ def list_keys_api(session: SessionDep, user: CurrentUser):
 
 @api_router.post("/gateway-keys", response_model=ApiTokenCreated, status_code=status.HTTP_201_CREATED)
 def create_key_api(session: SessionDep, user: CurrentUser, data: ApiTokenCreate):
-    token, raw = create_token(session, user, data.name, kind=GATEWAY_KEY)
+    token, raw = create_token(session, user, data.name, kind=GATEWAY_KEY, expires_in_days=data.expires_in_days)
     return ApiTokenCreated(**ApiTokenPublic.model_validate(token).model_dump(), token=raw)
 
 
@@ -197,24 +234,25 @@ def revoke_key_api(session: SessionDep, user: CurrentUser, key_id: int) -> None:
 
 
 @internal_router.post("/servers/{server_id}/claim")
-def claim_server(session: SessionDep, server_id: int, body: Annotated[dict[str, Any], Body()]):
+def claim_server(session: SessionDep, server_id: int, claim: ServerClaim) -> ServerSpec:
     try:
-        return service.claim_server(session, server_id, str(body.get("worker_id") or "unknown"))
+        return service.claim_server(session, server_id, claim)
     except DeploymentError as error:
         raise _http_error(error) from None
 
 
 @internal_router.post("/servers/{server_id}/events")
-def server_events(session: SessionDep, server_id: int, body: Annotated[dict[str, Any], Body()]):
+def server_events(session: SessionDep, server_id: int, report: ServerReport) -> ServerReply:
     try:
-        return service.report_server(session, server_id, body)
+        return service.report_server(session, server_id, report)
     except DeploymentError as error:
         raise _http_error(error) from None
 
 
 @internal_router.post("/deployments/{deployment_id}/events")
-def deployment_events(session: SessionDep, deployment_id: int, body: Annotated[dict[str, Any], Body()]):
+def deployment_events(session: SessionDep, deployment_id: int, report: AdapterReport) -> dict[str, Any]:
     try:
-        return service.report_adapter(session, deployment_id, body)
+        service.report_adapter(session, deployment_id, report)
     except DeploymentError as error:
         raise _http_error(error) from None
+    return {}

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible gateway: `/v1/models` and `/v1/chat/completions` (streaming and not),
-routed by `model` to the deployment's inference server.
+"""The OpenAI-compatible gateway: `/v1/models`, `/v1/chat/completions` and `/v1/completions`
+(streaming and not), routed by `model` to the deployment's inference server.
 
 Callers authenticate with a gateway key (`Authorization: Bearer <key>`, created on the
 Deployments page), or — for the playground in the browser — with the session cookie plus the
@@ -77,9 +77,12 @@ def list_models(request: Request, session: SessionDep):
     return {"object": "list", "data": data}
 
 
-def _validate(body: Any, max_model_len: int) -> JSONResponse | None:
-    if not isinstance(body.get("messages"), list) or not body["messages"]:
+def _validate(body: Any, max_model_len: int, prompt_field: str) -> JSONResponse | None:
+    prompt = body.get(prompt_field)
+    if prompt_field == "messages" and (not isinstance(prompt, list) or not prompt):
         return openai_error(400, "`messages` must be a non-empty list", param="messages")
+    if prompt_field == "prompt" and not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt)):
+        return openai_error(400, "`prompt` must be a string or a non-empty list", param="prompt")
     for field in ("max_tokens", "max_completion_tokens"):
         value = body.get(field)
         if value is None:
@@ -94,7 +97,7 @@ def _validate(body: Any, max_model_len: int) -> JSONResponse | None:
     return None
 
 
-def _route(request: Request, session: SessionDep, raw: bytes) -> tuple[Any, dict[str, Any]] | JSONResponse:
+def _route(request: Request, session: SessionDep, raw: bytes, prompt_field: str) -> tuple[Any, dict[str, Any]] | JSONResponse:
     """Authenticate, parse and resolve (sync: it reads the database in FastAPI's thread pool)."""
     if (refused := _refused(request, session)) is not None:
         return refused
@@ -111,7 +114,7 @@ def _route(request: Request, session: SessionDep, raw: bytes) -> tuple[Any, dict
         route = resolve_model(session, model)
     except DeploymentError as error:
         return openai_error(error.status_code, str(error), "model_not_found" if error.status_code == 404 else None, "model")
-    if (invalid := _validate(body, route.max_model_len)) is not None:
+    if (invalid := _validate(body, route.max_model_len, prompt_field)) is not None:
         return invalid
     # The server knows the adapter by its own name; the answer keeps the one the caller used.
     body["model"] = route.upstream_model
@@ -120,16 +123,34 @@ def _route(request: Request, session: SessionDep, raw: bytes) -> tuple[Any, dict
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request, session: SessionDep):
-    routed = await run_in_threadpool(_route, request, session, await request.body())
+    return await _proxy(request, session, "chat/completions", prompt_field="messages")
+
+
+@router.post("/completions")
+async def completions(request: Request, session: SessionDep):
+    """Plain text completion (`prompt` instead of `messages`), as the official clients'
+    `completions.create` sends it."""
+    return await _proxy(request, session, "completions", prompt_field="prompt")
+
+
+async def _proxy(request: Request, session: SessionDep, path: str, *, prompt_field: str) -> Response:
+    """Forward one request to the model's server: streamed chunk by chunk when it streams."""
+    routed = await run_in_threadpool(_route, request, session, await request.body(), prompt_field)
     if isinstance(routed, JSONResponse):
         return routed
     route, body = routed
     client = _client(request)
-    upstream = client.build_request("POST", f"{route.url}/v1/chat/completions", json=body)
+    upstream = client.build_request("POST", f"{route.url}/v1/{path}", json=body, headers=route.headers)
     try:
         response = await client.send(upstream, stream=True)
     except httpx.HTTPError as error:
         return openai_error(502, f"the model's server did not answer: {error!r}")
+    if response.status_code == 401:
+        # The server refused the panel's secret, not the caller's key: passed through, the
+        # caller would read it as "your API key is wrong".
+        await response.aclose()
+        return openai_error(502, "the model's server refused the gateway's credentials (its secret does not "
+                                 "match the panel's: restart the deployment)", "upstream_unauthorized")
     if body.get("stream") and response.status_code == 200:
         return StreamingResponse(
             response.aiter_raw(), media_type="text/event-stream",

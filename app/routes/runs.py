@@ -18,10 +18,14 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.db import SessionDep
 from app.models import Run, RunPublic, RunStatus, TrainConfig
+from app.models.run import RunPriority
 from app.services import configs as config_service
+from app.services import listings, run_views
 from app.services import runs as service
+from app.services import scheduler
 from app.services.run_events import hub
 from app.templating import is_htmx, render, templates
+from app.wire import ClaimRequest, EventsReply, EventsRequest, FinishRequest, RunSpec
 
 router = APIRouter(tags=["runs-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["runs"])
@@ -30,6 +34,7 @@ internal_router = APIRouter()
 # A fresh key per rendered start form (runs/_start_form.html, also included by the config page):
 # submitting the same form twice starts one run.
 templates.env.globals["new_form_key"] = lambda: uuid.uuid4().hex
+templates.env.globals["queue_spot"] = scheduler.queue_spot
 
 SSE_PING_S = 15
 # A watcher re-checks the run this often even when no notification came (defence in depth).
@@ -40,6 +45,7 @@ class RunCreate(BaseModel):
     config_id: int
     name: str | None = Field(default=None, max_length=200)
     gpus: int | None = Field(default=None, ge=0)
+    priority: RunPriority = RunPriority.normal
 
 
 def _http(error: service.RunError) -> HTTPException:
@@ -47,7 +53,9 @@ def _http(error: service.RunError) -> HTTPException:
 
 
 def _public(run: Run) -> RunPublic:
-    return RunPublic.model_validate(run)
+    spot = scheduler.queue_spot(run.id) if run.status == RunStatus.queued else None
+    update = {"queue_position": spot.position, "wait_reason": spot.reason} if spot else {}
+    return RunPublic.model_validate(run, update=update)
 
 
 # --------------------------------------------------------------------------- the event stream
@@ -92,16 +100,16 @@ def _event_stream(session: Session, run_id: int, after: int, last_event_id: str 
 
 # --------------------------------------------------------------------------- pages
 def _start_form_context(session: Session, *, error: str | None = None, values: dict | None = None) -> dict[str, Any]:
-    configs = session.exec(select(TrainConfig).order_by(TrainConfig.name, TrainConfig.version)).all()
     return {
-        "configs": configs, "start_error": error, "start_values": values or {},
+        "configs": listings.config_choices(session), "start_error": error, "start_values": values or {},
     }
 
 
 def _list_context(session: Session) -> dict[str, Any]:
-    runs = service.list_runs(session)
+    cursor = listings.latest_event_id(session)  # first: a change made while the rows are read is sent again
+    runs = listings.run_rows(session)
     return {
-        "section": "runs", "runs": runs,
+        "section": "runs", "runs": runs, "cursor": cursor, "top": max((run.id for run in runs), default=0),
         "any_active": any(run.status.is_active() for run in runs),
         **_start_form_context(session),
     }
@@ -109,9 +117,21 @@ def _list_context(session: Session) -> dict[str, Any]:
 
 @router.get("/runs")
 def runs_page(request: Request, session: SessionDep):
-    """The list; to htmx polling (while a run is active) just the table."""
-    block = "table" if request.headers.get("HX-Target") == "run-table" else None
-    return render(request, "runs/list.html", _list_context(session), block=block)
+    return render(request, "runs/list.html", _list_context(session))
+
+
+@router.get("/runs/rows")
+def changed_run_rows(request: Request, session: SessionDep, after: int = 0, top: int = 0) -> Response:
+    """htmx polling while a run is active: only the rows of runs with an event after `after`
+    (`top`: the newest run the page shows; newer ones are added on top), or 204."""
+    changed, cursor = listings.run_rows_changed(session, after)
+    if not changed:
+        return Response(status_code=204)
+    context = {
+        "changed": changed, "cursor": cursor, "top_before": top,
+        "top": max(top, *(run.id for run in changed)), "any_active": listings.any_run_active(session),
+    }
+    return render(request, "runs/list.html", context, block="changed_rows")
 
 
 @router.post("/runs")
@@ -123,11 +143,12 @@ def start_from_form(
     gpus: Annotated[str, Form()] = "",
     idempotency_key: Annotated[str, Form()] = "",
     fixed: Annotated[bool, Form()] = False,
+    priority: Annotated[RunPriority, Form()] = RunPriority.normal,
 ):
     try:
         run, _created = service.start_run(
             session, config_id, name=name or None, gpus=int(gpus) if gpus.strip() else None,
-            idempotency_key=idempotency_key or None,
+            idempotency_key=idempotency_key or None, priority=priority,
         )
     except (service.RunError, ValueError) as error:
         detail = error.detail if isinstance(error, service.RunError) else "GPUs must be a whole number"
@@ -151,36 +172,59 @@ def _redirect(request: Request, url: str) -> Response:
 
 @router.get("/runs/compare")
 def compare_page(request: Request, session: SessionDep, ids: Annotated[list[int], Query()] = []):  # noqa: B006
-    context = {"section": "runs", "all_runs": service.list_runs(session), **_compare(session, ids)}
+    context = {"section": "runs", "all_runs": listings.run_rows(session), **_compare(session, ids)}
     return render(request, "runs/compare.html", context)
 
 
-def _dashboard_context(session: Session, run: Run) -> dict[str, Any]:
-    cursor = service.event_cursor(session, run.id)
-    config = session.get(TrainConfig, run.config_id)
-    return {
-        "section": "runs", "run": run, "config": config, "cursor": cursor,
-        "initial": {
+def _dashboard_context(session: Session, run: Run, block: str | None) -> dict[str, Any]:
+    """What the page (block None) or one of its refreshed blocks shows."""
+    context: dict[str, Any] = {"section": "runs", "run": run}
+    if block in (None, "header"):
+        points = run_views.metric_points(session, run.id)
+        timing = run_views.attempt_timing(run, points)
+        context.update(
+            config=session.get(TrainConfig, run.config_id), timing=timing,
+            resumable=service.latest_checkpoint(session, run) is not None,
+        )
+    if block in (None, "artifacts"):
+        context.update(checkpoints=service.checkpoints_of(session, run),
+                       result_files=run_views.result_file_versions(run.id))
+    if block is None:
+        cursor = service.event_cursor(session, run.id)
+        elapsed, remaining = run_views.elapsed_and_remaining(run, timing)
+        context.update(elapsed_s=elapsed, remaining_s=remaining, initial={
             "run": json.loads(_public(run).model_dump_json()),
             "cursor": cursor,
-            "metrics": service.metrics_of(session, run.id),
+            "timing": timing.as_dict(),
+            "schedule": run_views.logging_schedule(run),
+            "metrics": run_views.dashboard_points(points),
             "logs": service.log_tail(session, run.id, upto_event=cursor),
-        },
-        "checkpoints": service.checkpoints_of(session, run),
-        "artifacts": service.artifacts_of(run.id),
-        "resumable": service.latest_checkpoint(run) is not None,
-    }
+        })
+    return context
 
 
 @router.get("/runs/{run_id}")
 def run_page(request: Request, run_id: int, session: SessionDep):
-    """The live dashboard; to htmx (after a status event) just the header with its actions."""
+    """The live dashboard; to htmx (after an event) just its header or its artifacts."""
     try:
         run = service.get_run(session, run_id)
     except service.RunError as error:
         raise _http(error) from None
     block = {"run-header": "header", "run-artifacts": "artifacts"}.get(request.headers.get("HX-Target", ""))
-    return render(request, "runs/detail.html", _dashboard_context(session, run), block=block)
+    return render(request, "runs/detail.html", _dashboard_context(session, run, block), block=block)
+
+
+@router.get("/runs/{run_id}/log.txt")
+def run_log_download(run_id: int, session: SessionDep) -> StreamingResponse:
+    """Every log line of every attempt (the dashboard keeps the last 500)."""
+    try:
+        service.get_run(session, run_id)
+    except service.RunError as error:
+        raise _http(error) from None
+    return StreamingResponse(
+        run_views.log_text(session, run_id), media_type="text/plain; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="run-{run_id}-log.txt"'},
+    )
 
 
 @router.get("/runs/{run_id}/events")
@@ -242,8 +286,13 @@ def delete_from_page(request: Request, run_id: int, session: SessionDep) -> Resp
 
 
 @router.get("/runs/{run_id}/artifacts/{name}")
-def artifact_page(run_id: int, name: str) -> FileResponse:
-    return _artifact(run_id, name)
+def artifact_page(run_id: int, name: str, v: str | None = None) -> FileResponse:
+    """`v`: the file's version (run_views.result_file_versions); a versioned URL never changes
+    content, so the browser may keep it."""
+    response = _artifact(run_id, name)
+    if v is not None:
+        response.headers["Cache-Control"] = "private, max-age=31536000, immutable"
+    return response
 
 
 @router.get("/runs/{run_id}/download")
@@ -254,7 +303,7 @@ def download_page(run_id: int, session: SessionDep, checkpoint: str | None = Non
 # --------------------------------------------------------------------------- shared helpers
 def _artifact(run_id: int, name: str) -> FileResponse:
     try:
-        return FileResponse(service.artifact_path(run_id, name))
+        return FileResponse(service.result_file_path(run_id, name))
     except service.RunError as error:
         raise _http(error) from None
 
@@ -262,12 +311,12 @@ def _artifact(run_id: int, name: str) -> FileResponse:
 def _download(session: Session, run_id: int, checkpoint: str | None) -> StreamingResponse:
     try:
         run = service.get_run(session, run_id)
-        files = service.download_files(run, checkpoint)
+        manifest = service.download_manifest(session, run, checkpoint)
     except service.RunError as error:
         raise _http(error) from None
     filename = f"run-{run_id}-{checkpoint or 'adapter'}.zip"
     return StreamingResponse(
-        service.stream_zip(files), media_type="application/zip",
+        service.stream_zip(manifest), media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
 
@@ -279,9 +328,15 @@ def _compare(session: Session, ids: list[int]) -> dict[str, Any]:
         config_service.diff(session, configs[runs[0].id], configs[runs[1].id]) if len(runs) == 2 else None
     )
     series = {run.id: service.metrics_of(session, run.id) for run in runs}
+    points = {run.id: run_views.metric_points(session, run.id) for run in runs}
+    # Columns and curves are labelled by name; the id only tells apart runs of the same name.
+    names = [run.name for run in runs]
+    labels = {run.id: run.name if names.count(run.name) == 1 else f"{run.name} (#{run.id})" for run in runs}
     return {
-        "runs": runs, "series": series, "diff": diff,
-        "chart": {"runs": [{"id": run.id, "name": run.name} for run in runs], "series": series},
+        "runs": runs, "series": series, "diff": diff, "labels": labels,
+        "summary": {run.id: run_views.final_metrics(run, points[run.id]) for run in runs},
+        "chart": {"runs": [{"id": run.id, "label": labels[run.id]} for run in runs],
+                  "series": {run_id: run_views.dashboard_points(p) for run_id, p in points.items()}},
     }
 
 
@@ -301,6 +356,7 @@ def start_run(
     try:
         run, created = service.start_run(
             session, payload.config_id, name=payload.name, gpus=payload.gpus, idempotency_key=idempotency_key,
+            priority=payload.priority,
         )
     except service.RunError as error:
         raise _http(error) from None
@@ -424,7 +480,7 @@ def run_checkpoints(run_id: int, session: SessionDep) -> list[dict[str, Any]]:
 @api_router.get("/runs/{run_id}/artifacts")
 def run_artifacts(run_id: int, session: SessionDep) -> list[str]:
     get_run(run_id, session)
-    return service.artifacts_of(run_id)
+    return service.result_files_of(run_id)
 
 
 @api_router.get("/runs/{run_id}/artifacts/{name}")
@@ -447,25 +503,25 @@ def _internal(call):
 
 
 @internal_router.post("/runs/{run_id}/claim")
-def claim(run_id: int, payload: service.ClaimRequest, session: SessionDep) -> dict[str, Any]:
+def claim(run_id: int, payload: ClaimRequest, session: SessionDep) -> RunSpec:
     return _internal(lambda: service.claim_run(session, run_id, payload))
 
 
 @internal_router.post("/runs/{run_id}/events")
-def events(run_id: int, payload: service.EventsRequest, session: SessionDep) -> dict[str, bool]:
-    return {"cancel": _internal(lambda: service.record_events(session, run_id, payload))}
+def events(run_id: int, payload: EventsRequest, session: SessionDep) -> EventsReply:
+    return EventsReply(cancel=_internal(lambda: service.record_events(session, run_id, payload)))
 
 
 @internal_router.post("/runs/{run_id}/finish")
-def finish(run_id: int, payload: service.FinishRequest, session: SessionDep) -> dict[str, Any]:
+def finish(run_id: int, payload: FinishRequest, session: SessionDep) -> dict[str, Any]:
     _internal(lambda: service.finish_run(session, run_id, payload))
     return {}
 
 
-@internal_router.post("/runs/{run_id}/artifacts")
-def upload_artifact(
+@internal_router.post("/runs/{run_id}/results")
+def upload_result_file(
     run_id: int, session: SessionDep,
     attempt: Annotated[int, Form()], name: Annotated[str, Form()], file: Annotated[UploadFile, File()],
 ) -> dict[str, Any]:
-    path = _internal(lambda: service.store_artifact(run_id, attempt, name, file.file, session))
+    path = _internal(lambda: service.store_result_file(run_id, attempt, name, file.file, session))
     return {"name": name, "size": path.stat().st_size}

@@ -4,9 +4,10 @@ from fastapi import APIRouter, HTTPException, Request
 from sqlmodel import select
 
 from app.db import SessionDep
-from app.models import Worker, WorkerHeartbeat, WorkerPublic
+from app.models import Worker, WorkerPublic
 from app.services import workers as service
 from app.templating import render
+from app.wire import Heartbeat, HeartbeatReply
 
 router = APIRouter(tags=["workers-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["workers"])
@@ -46,8 +47,8 @@ def request_doctor(worker_id: str, session: SessionDep) -> dict[str, bool]:
 
 
 @internal_router.post("/workers/heartbeat")
-def heartbeat(payload: WorkerHeartbeat, session: SessionDep) -> dict[str, bool]:
-    return {"doctor_requested": service.record_heartbeat(session, payload)}
+def heartbeat(payload: Heartbeat, session: SessionDep) -> HeartbeatReply:
+    return service.record_heartbeat(session, payload)
 
 
 def _get(session: SessionDep, worker_id: str) -> Worker:

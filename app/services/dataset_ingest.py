@@ -99,11 +99,24 @@ OPENAI_TAGS: dict[str, str] = {
 
 # Kinds of row issues. Fatal: LLaMA-Factory / datasets would fail to load or convert the file.
 FATAL_KINDS = frozenset(
-    {"bad_type", "mixed_types", "bad_history", "bad_messages", "bad_message", "missing_messages", "bad_tools"}
+    {"bad_type", "mixed_types", "bad_history", "bad_messages", "bad_message", "missing_messages", "bad_tools",
+     "bad_unicode"}
 )
 # Kinds for which LLaMA-Factory's SFT pipeline drops the row ("Dropped invalid example" /
 # "Skipping this abnormal example").
 DROP_KINDS = frozenset({"missing_output", "bad_role", "bad_alternation", "unpaired_turns", "empty_conversation"})
+
+# Structural bounds. Real SFT rows nest 3-4 levels (row > conversations > message > text); deeper
+# rows are refused before anything recursive (Python's json, hashing, the preview) can overflow.
+MAX_NESTING = 64
+# datasets/Arrow makes a column of every key of every row; LLaMA-Factory reads a handful.
+MAX_KEYS = 1000
+MAX_KEY_CHARS = 1024
+# Python's json turns an escaped UTF-16 surrogate without its pair (a lone \udc00) into a str that
+# cannot be encoded as UTF-8 (to store or train on). Rows are searched for one only in files whose text
+# holds surrogate escapes at all (escaped emoji); ruling them out is one regex scan (~1 GB/s).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # --------------------------------------------------------------------------------------- errors
@@ -158,6 +171,7 @@ class IngestReport:
     warning_count: int
     duplicate_rows: int
     dropped_rows: int  # rows LLaMA-Factory's SFT preprocessing would drop
+    trainable_rows: int  # rows it keeps that have a non-empty response to learn
     prompt_chars: LengthStats
     response_chars: LengthStats
     preview: list[Any]  # first `preview_rows` rows, as parsed
@@ -301,14 +315,42 @@ class _DigestSet:
         return len(self.keys) * 8 + len(self.rows) * self.rows.itemsize
 
 
-def _freeze(v: Any) -> Any:
-    """Hashable, key-order independent form of a parsed JSON value (dict -> frozenset of items)."""
+class _NestedTooDeep(ValueError):
+    """A value nests arrays/objects more than MAX_NESTING levels deep."""
+
+
+def _freeze(v: Any, depth: int = 1) -> Any:
+    """Hashable, key-order independent form of a parsed JSON value (dict -> frozenset of items).
+    Raises _NestedTooDeep past MAX_NESTING levels (the recursion stays far from Python's limit)."""
     t = type(v)
-    if t is dict:
-        return frozenset([(k, _freeze(x)) for k, x in v.items()])
-    if t is list:
-        return tuple([_freeze(x) for x in v])
+    if t is dict or t is list:
+        if depth > MAX_NESTING:
+            raise _NestedTooDeep
+        if t is dict:
+            return frozenset([(k, _freeze(x, depth + 1)) for k, x in v.items()])
+        return tuple([_freeze(x, depth + 1) for x in v])
     return v
+
+
+def _nested_too_deep(row: int, byte_offset: int | None = None) -> DatasetFormatError:
+    return DatasetFormatError(
+        f"row {row} nests arrays or objects more than {MAX_NESTING} levels deep; an SFT row holds strings,"
+        " lists of messages and [prompt, response] pairs",
+        byte_offset=byte_offset,
+        row=row,
+    )
+
+
+def _holds_surrogate(v: Any) -> bool:
+    """Whether a parsed value (nesting already bounded) holds a lone UTF-16 surrogate."""
+    t = type(v)
+    if t is str:
+        return _SURROGATE.search(v) is not None
+    if t is dict:
+        return any(_holds_surrogate(k) or _holds_surrogate(x) for k, x in v.items())
+    if t is list:
+        return any(_holds_surrogate(x) for x in v)
+    return False
 
 
 def _describe(v: Any) -> str:
@@ -384,6 +426,7 @@ class DatasetIngest:
         self._finished = False
         self._report: IngestReport | None = None
         self._scan = json.decoder.JSONDecoder().scan_once
+        self._check_surrogates = False  # turned on once the text holds a surrogate escape
 
         # row bookkeeping
         self.rows = 0
@@ -401,6 +444,7 @@ class DatasetIngest:
         self._warn = 0
         self._dups = 0
         self._dropped = 0
+        self._trainable = 0
         self._digests = _DigestSet() if check_duplicates else None
         self._ph = _LenHist()
         self._rh = _LenHist()
@@ -485,6 +529,12 @@ class DatasetIngest:
                 raise DatasetFormatError(
                     "the file is UTF-16 encoded (byte order mark FF FE / FE FF); save it as UTF-8", byte_offset=0
                 )
+            elif b"\x00" in data[:4]:  # JSON text never holds a NUL: "[\0{\0" is UTF-16 or UTF-32
+                raise DatasetFormatError(
+                    "the file is UTF-16 or UTF-32 encoded without a byte order mark (NUL bytes at its start);"
+                    " save it as UTF-8",
+                    byte_offset=data.index(b"\x00"),
+                )
         if not data and not final:
             return
         dec = self._decoder
@@ -492,23 +542,37 @@ class DatasetIngest:
         try:
             text = dec.decode(data, final)
         except UnicodeDecodeError as e:
-            off = self._decoded_bytes - held + e.start
-            bad = e.object[e.start : e.start + 1].hex().upper()
-            if e.reason == "unexpected end of data":
-                msg = f"the file ends in the middle of a UTF-8 sequence at byte {off}"
-            else:
-                msg = (
-                    f"invalid UTF-8 at byte {off} (byte 0x{bad}); the file must be UTF-8 encoded"
-                    " (it looks like Latin-1/Windows-1252 or binary data)"
-                )
-            raise DatasetFormatError(msg, byte_offset=off) from None
+            self._refuse_bad_utf8(e, held)
         held_after = len(dec.getstate()[0])
         text_bytes = len(data) + held - held_after  # UTF-8 size of `text`
         self._decoded_bytes += len(data)
         if data is self._pending:
             data.clear()
-        text_end = self._decoded_bytes - held_after  # absolute offset just past `text`
-        # slide the text buffer: drop what was parsed, append the new text
+        self._append_text(text, text_end=self._decoded_bytes - held_after, text_bytes=text_bytes)
+
+    def _refuse_bad_utf8(self, e: UnicodeDecodeError, held: int) -> None:
+        """Parse the valid text before the bad byte (so that the error can name its row), then raise."""
+        off = self._decoded_bytes - held + e.start
+        good = e.object[: e.start].decode("utf-8")  # `e.object` starts with the `held` bytes
+        self._append_text(good, text_end=off, text_bytes=e.start)
+        self._wait_for = 0
+        self._parse(final=False)
+        row = self.rows + 1
+        bad = e.object[e.start : e.start + 1].hex().upper()
+        if e.reason == "unexpected end of data":
+            msg = f"the file ends in the middle of a UTF-8 sequence at byte {off} (row {row})"
+        else:
+            msg = (
+                f"invalid UTF-8 at byte {off} (byte 0x{bad}, row {row}); the file must be UTF-8 encoded"
+                " (it looks like Latin-1/Windows-1252 or binary data)"
+            )
+        raise DatasetFormatError(msg, byte_offset=off, row=row) from None
+
+    def _append_text(self, text: str, *, text_end: int, text_bytes: int) -> None:
+        """Slide the text buffer: drop what was parsed, append `text` (which ends at byte `text_end`)."""
+        if not self._check_surrogates:
+            straddling = self._buf[max(self._pos, len(self._buf) - 5):] + text[:5]  # an escape split by a chunk
+            self._check_surrogates = bool(_SURROGATE_ESCAPE.search(text) or _SURROGATE_ESCAPE.search(straddling))
         buf, pos = self._buf, self._pos
         if pos:
             left = buf[pos:]
@@ -589,6 +653,8 @@ class DatasetIngest:
                         if not final and (e.pos >= n - 8 or e.msg.startswith("Unterminated string")):
                             break
                         self._raise_json_error(e.msg, e.pos, pos, final)
+                    except RecursionError:  # the C scanner recurses once per level
+                        raise _nested_too_deep(self.rows + 1, self._offset(pos)) from None
                     if type(obj) is not dict:
                         if end >= n and not final:
                             break  # a scalar may continue in the next chunk
@@ -710,7 +776,7 @@ class DatasetIngest:
                     break
                 try:
                     obj, end = scan(buf, start)
-                except (StopIteration, json.JSONDecodeError):
+                except (StopIteration, json.JSONDecodeError, RecursionError):
                     break
                 if end >= n or type(obj) is not dict or end - start > max_chars:
                     break
@@ -775,7 +841,31 @@ class DatasetIngest:
             )
 
     # ---------------------------------------------------------------- schema
+    def _refuse_preference_data(self, obj: dict, pos: int) -> None:
+        """Preference rows read as SFT lose their answers (every row looks unpaired): say what they are.
+        Mirrors the dataset_info.json import, which skips ranking and KTO entries."""
+        mapped = {key for key in self.user_columns.values() if key}
+        if {"chosen", "rejected"} <= obj.keys() and not {"chosen", "rejected"} & mapped:
+            raise DatasetFormatError(
+                "row 1 has 'chosen' and 'rejected': this is a preference (ranking) dataset for DPO/ORPO-style"
+                " training; only SFT datasets are registered (an 'output', or a conversation ending with the"
+                " assistant's answer)",
+                byte_offset=self._offset(pos),
+                row=1,
+            )
+        # LLaMA-Factory's kto_en_demo keeps the tag in a boolean "label" next to the messages.
+        conversation = "messages" in obj or "conversations" in obj
+        tag = "kto_tag" if "kto_tag" in obj else "label" if conversation and type(obj.get("label")) is bool else None
+        if tag is not None and tag not in mapped:
+            raise DatasetFormatError(
+                f"row 1 has a true/false {tag!r}: this is a KTO dataset (answers marked desirable or not); only SFT"
+                " datasets are registered",
+                byte_offset=self._offset(pos),
+                row=1,
+            )
+
     def _setup_schema(self, obj: dict, pos: int) -> None:
+        self._refuse_preference_data(obj, pos)
         uc = self.user_columns
         fmt = self.formatting
         if fmt == "auto":
@@ -797,7 +887,8 @@ class DatasetIngest:
                         )
                         break
                 raise DatasetFormatError(
-                    f"cannot detect the dataset format from row 1 (keys: {sorted(obj)[:20]}): expected alpaca"
+                    f"cannot detect the dataset format from row 1 (keys: {[k[:40] for k in sorted(obj)[:20]]}):"
+                    " expected alpaca"
                     " (instruction/input/output) or sharegpt (conversations or messages). Pass formatting= and"
                     " columns= to map other key names." + hint,
                     byte_offset=self._offset(pos),
@@ -855,14 +946,27 @@ class DatasetIngest:
         sig = (tuple(obj), tuple(map(type, obj.values())))
         if sig not in self._sigs:  # new key/type layout: the slow check (rare once warmed up)
             self._new_layout(obj, row, sig)
-        ds = self._digests
-        if ds is not None:  # row digest + _DigestSet.add, inlined (hot path)
-            # Python's hash (SipHash, salted per process; only compared within this run) of a
-            # key-order independent frozen form: ~10x cheaper than hashing canonical JSON text.
+        # Python's hash (SipHash, salted per process; only compared within this run) of a
+        # key-order independent frozen form: ~10x cheaper than hashing canonical JSON text.
+        # Freezing a row with nested values also bounds its depth, whether or not duplicates count.
+        try:
+            h = hash(frozenset(obj.items()))  # only scalar values: nothing nested
+        except TypeError:
             try:
-                h = hash(frozenset(obj.items()))
-            except TypeError:
                 h = hash(_freeze(obj))
+            except _NestedTooDeep:
+                raise _nested_too_deep(row) from None
+        if self._check_surrogates:
+            for k, v in obj.items():
+                if _holds_surrogate(k) or _holds_surrogate(v):
+                    self._issue(
+                        row, "bad_unicode",
+                        f"{k!r} holds an invalid Unicode escape: a lone surrogate (\\ud800-\\udfff without its"
+                        " pair), which is not text and cannot be stored as UTF-8",
+                    )
+                    break
+        ds = self._digests
+        if ds is not None:  # _DigestSet.add, inlined (hot path)
             h = (h & 0xFFFFFFFFFFFFFFFF) or 1
             keys = ds.keys
             mask = ds.mask
@@ -909,6 +1013,18 @@ class DatasetIngest:
     def _new_layout(self, obj: dict, row: int, sig: tuple) -> None:
         """Record keys seen and check each key keeps one JSON type across rows (Arrow columns)."""
         self._keys_seen.update(obj)
+        if len(self._keys_seen) > MAX_KEYS:
+            raise DatasetFormatError(
+                f"row {row}: the rows hold more than {MAX_KEYS} distinct keys; datasets/Arrow loads each key as a"
+                " column (LLaMA-Factory reads a handful): put the extra data in fewer keys",
+                row=row,
+            )
+        long_key = next((k for k in obj if len(k) > MAX_KEY_CHARS), None)
+        if long_key is not None:
+            raise DatasetFormatError(
+                f"row {row} has a key of {len(long_key)} characters ({long_key[:40]!r}…); at most {MAX_KEY_CHARS}",
+                row=row,
+            )
         kinds = self._kinds
         mixed = False
         for k, v in obj.items():
@@ -935,10 +1051,11 @@ class DatasetIngest:
         issue = self._issue
         pchars = rchars = 0
         prompt = get(pc) if pc else None
+        prompt_missing = False
         if type(prompt) is str and prompt:
             pchars = len(prompt)
         elif prompt is None or prompt == "":
-            issue(row, "missing_instruction", f"{pc!r} is missing or empty")
+            prompt_missing = True
         else:
             issue(row, "bad_type", f"{pc!r} is a {_describe(prompt)}, expected a string")
         if qc:
@@ -950,8 +1067,8 @@ class DatasetIngest:
         resp = get(rc) if rc else None
         if type(resp) is str:
             rchars = len(resp)
-            if not rchars:
-                issue(row, "empty_output", f"{rc!r} is empty")
+            if rchars:
+                self._trainable += 1
         elif resp is None:
             issue(row, "missing_output", f"{rc!r} is missing (LLaMA-Factory drops the row)")
             self._dropped += 1
@@ -972,6 +1089,13 @@ class DatasetIngest:
             v = get(tc)
             if v is not None and type(v) is not str:
                 issue(row, "bad_tools", f"{tc!r} is a {_describe(v)}, expected a JSON string")
+        if resp == "" and not pchars:
+            issue(row, "nothing_to_train", "nothing to train on: the prompt and the response are empty")
+        else:
+            if prompt_missing:
+                issue(row, "missing_instruction", f"{pc!r} is missing or empty")
+            if resp == "":
+                issue(row, "empty_output", f"{rc!r} is empty")
         self._common(obj, row, pchars, rchars)
 
     def _check_history(self, hist: Any, hc: str, row: int) -> int:
@@ -1088,11 +1212,17 @@ class DatasetIngest:
                         if last[role_tag] in even:
                             rchars = len(last[content_tag])
                             if not dropped and rchars == 0:
-                                self._issue(row, "empty_output", "the last assistant message is empty")
+                                if pchars:
+                                    self._issue(row, "empty_output", "the last assistant message is empty")
+                                else:
+                                    self._issue(row, "nothing_to_train",
+                                                "nothing to train on: every message is empty")
                         else:
                             pchars += len(last[content_tag])
         if dropped:
             self._dropped += 1
+        elif rchars:
+            self._trainable += 1
         self._common(obj, row, pchars, rchars)
 
     # ---------------------------------------------------------------- report
@@ -1118,6 +1248,7 @@ class DatasetIngest:
             warning_count=self._warn,
             duplicate_rows=self._dups,
             dropped_rows=self._dropped,
+            trainable_rows=self._trainable,
             prompt_chars=self._ph.finalize(),
             response_chars=self._rh.finalize(),
             preview=list(self._preview),

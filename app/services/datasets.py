@@ -51,11 +51,13 @@ from app.services.dataset_ingest import (
     IngestReport,
     dataset_info_entry,
 )
+from app.services.llamafactory_params import llamafactory_cache_file
 from app.settings import PROJECT_ROOT, Settings, get_settings
 
 PREVIEW_ROWS = 10
 PREVIEW_CELL_CHARS = 2000  # a preview cell in the database is clipped; preview.json keeps the row whole
 SAMPLE_ROWS = 2000
+ROW_READ_CHARS = 1 << 20  # a row beyond the preview is read from the file this many characters at a time
 MAX_TEXT_FIELD_BYTES = 64 * 1024
 # Network chunks are gathered to about this size before one hop to a worker thread (parse, hash,
 # validate, write): fewer thread hops, memory still bounded.
@@ -116,6 +118,8 @@ def parse_mapping(raw: str | dict | None, what: str, allowed: Iterable[str]) -> 
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise DatasetError(status.HTTP_400_BAD_REQUEST, f"{what} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise DatasetError(status.HTTP_400_BAD_REQUEST, f"{what} nests too deeply to be a mapping") from None
     if not isinstance(raw, dict):
         raise DatasetError(status.HTTP_400_BAD_REQUEST, f"{what} must be a JSON object")
     allowed = set(allowed)
@@ -245,6 +249,8 @@ class IncomingFile:
         report = self.ingest.finish()
         if not report.ok:
             raise DatasetFormatError(_rejection_message(report), row=report.first_fatal["row"])
+        if report.trainable_rows == 0:
+            raise DatasetFormatError(_untrainable_message(report), row=1)
         self._partial.rename(self.folder / f"data.{report.container}")
         (self.folder / "preview.json").write_text(json.dumps(report.preview, ensure_ascii=False))
         with open(self.folder / "sample.jsonl", "w", encoding="utf-8") as sample:
@@ -270,6 +276,15 @@ def _rejection_message(report: IngestReport) -> str:
     more = report.fatal_count - 1
     tail = f" ({more} more rows with problems LLaMA-Factory cannot load; by kind: {kinds})" if more else ""
     return f"row {first['row']}: {first['message']}{tail}"
+
+
+def _untrainable_message(report: IngestReport) -> str:
+    first = next((issue["message"] for issue in report.issues if issue["row"] == 1), None)
+    kinds = ", ".join(f"{kind} ×{count}" for kind, count in report.issue_counts.items())
+    return (
+        f"no row has anything to train on: each of the {report.rows} rows has an empty or missing response, or"
+        f" LLaMA-Factory drops it (row 1: {first or 'no response'}; by kind: {kinds or 'none'})"
+    )
 
 
 def _report_for_db(report: IngestReport) -> dict[str, Any]:
@@ -611,8 +626,17 @@ def _parse_dataset_info(raw: bytes) -> dict[str, Any]:
         info = json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetError(status.HTTP_400_BAD_REQUEST, f"dataset_info.json is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DatasetError(status.HTTP_400_BAD_REQUEST, "dataset_info.json nests too deeply to be a list of"
+                                                        " dataset entries") from None
     if not isinstance(info, dict) or not info:
         raise DatasetError(status.HTTP_400_BAD_REQUEST, "dataset_info.json must be an object of dataset entries")
+    try:  # Python's json lets a lone surrogate escape (\udc00) through: it is not text
+        json.dumps(info, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        after = exc.object[max(0, exc.start - 40):exc.start]
+        raise DatasetError(status.HTTP_400_BAD_REQUEST, "dataset_info.json holds an invalid Unicode escape"
+                                                        f" (a lone surrogate) after {after!r}") from None
     return info
 
 
@@ -861,22 +885,13 @@ def available_templates(train_python: str) -> tuple[str, ...]:
     """LLaMA-Factory's template names: asked once per installed LLaMA-Factory version (importing it
     takes 5–40 s), then read from a cache file in the data dir."""
     with _templates_lock:
-        cache = _templates_cache_file(train_python)
+        cache = llamafactory_cache_file(train_python, "templates")
         if cache is not None and cache.exists():
             return tuple(json.loads(cache.read_text()))
         names = tuple(_run_envscript({"mode": "templates"})["templates"])
         if cache is not None:
             cache.write_text(json.dumps(names))
         return names
-
-
-def _templates_cache_file(train_python: str) -> Path | None:
-    """Named after the training env's llamafactory dist-info, so an upgrade asks again."""
-    env_root = Path(train_python).parent.parent
-    dist_infos = sorted(env_root.glob("lib/python*/site-packages/llamafactory-*.dist-info"))
-    if not dist_infos:
-        return None
-    return get_settings().path("cache") / f"templates-{dist_infos[-1].name}.json"
 
 
 def templates_or_empty() -> list[str]:
@@ -905,17 +920,61 @@ def _entry(dataset: Dataset) -> dict[str, Any]:
     )
 
 
+def read_row(dataset: Dataset, row: int) -> Any:
+    """Row `row` (1-based) of the dataset, whole: from preview.json for the first rows, else read
+    from the stored file up to that row and no further."""
+    if not 1 <= row <= dataset.row_count:
+        raise DatasetError(status.HTTP_400_BAD_REQUEST, f"row must be between 1 and {dataset.row_count:,}")
+    first = json.loads((dataset_dir(dataset) / "preview.json").read_text(encoding="utf-8"))
+    if row <= len(first):
+        return first[row - 1]
+    rows = _jsonl_rows(data_file(dataset)) if dataset.file_kind == "jsonl" else _json_array_rows(data_file(dataset))
+    for number, value in enumerate(rows, 1):
+        if number == row:
+            return value
+    raise DatasetError(status.HTTP_400_BAD_REQUEST, f"row must be between 1 and {dataset.row_count:,}")
+
+
+def _jsonl_rows(path: Path) -> Iterator[Any]:
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _json_array_rows(path: Path) -> Iterator[Any]:
+    """The items of a JSON array file, decoded one by one from a sliding buffer (the file was
+    validated at upload: a decode error before its end only means the item is not all read)."""
+    decoder = json.JSONDecoder()
+    with path.open(encoding="utf-8") as handle:
+        buffer = handle.read(ROW_READ_CHARS)
+        position = buffer.index("[") + 1
+        while True:
+            while position < len(buffer) and buffer[position] in " \t\r\n,":
+                position += 1
+            if position < len(buffer) and buffer[position] == "]":
+                return
+            try:
+                if position == len(buffer):
+                    raise json.JSONDecodeError("need more", buffer, position)
+                value, position = decoder.raw_decode(buffer, position)
+            except json.JSONDecodeError:
+                more = handle.read(ROW_READ_CHARS)
+                if not more:
+                    return
+                buffer, position = buffer[position:] + more, 0
+                continue
+            yield value
+
+
 def render_row(
     session: Session, dataset: Dataset, *, model_id: int | None, template: str | None, row: int, cutoff_len: int
 ) -> dict[str, Any]:
-    """Row `row` (1-based, among the first rows) as the model sees it through the template."""
+    """Row `row` (1-based, any row of the file) as the model sees it through the template."""
     model, template = _model_and_template(session, model_id, template)
-    rows = json.loads((dataset_dir(dataset) / "preview.json").read_text(encoding="utf-8"))
-    if not 1 <= row <= len(rows):
-        raise DatasetError(status.HTTP_400_BAD_REQUEST, f"row must be between 1 and {len(rows)}")
     answer = _run_envscript({
         "mode": "encode", "model_path": model.path, "template": template, "cutoff_len": cutoff_len,
-        "dataset_attr": _entry(dataset), "rows": [rows[row - 1]], "render": 0,
+        "dataset_attr": _entry(dataset), "rows": [read_row(dataset, row)], "render": 0,
     })
     return {"model_id": model.id, "template": template, "row": row, "cutoff_len": cutoff_len,
             "rendered": answer["rendered"]}

@@ -2,15 +2,21 @@
 
 A deployment goes pending → starting → ready | failed → stopped, and so does its server. The app
 is the only writer: every change is a conditional UPDATE (status guarded), so a re-sent worker
-report or a double click changes nothing twice. Workers start and supervise the servers
-(workers/serving.py) and report over /internal/v1.
+report or a double click changes nothing twice. The scheduler dispatches a pending server to a
+worker with a free serving slot that holds the base model; that worker fetches the adapters from
+the artifact store, starts and supervises the server (workers/serving.py) on an address the
+panel can reach, behind a per-server secret only the gateway sends, and reports over
+/internal/v1. Adapter loads and unloads go to the worker that runs the server.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import secrets
 import struct
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,16 +35,33 @@ from app.models.deployment import (
     InferenceServer,
     ServeBackend,
 )
+from app.models.artifact import RunArtifact
 from app.models.model_entry import ModelEntry
 from app.models.run import Run, RunStatus
+from app.services import artifacts as artifact_service
+from app.services.broker import kick_scheduler, send_to_worker
 from app.settings import get_settings
+from app.wire import (
+    ADAPTER_ARTIFACT,
+    LOAD_ADAPTER_TASK,
+    SERVE_START_TASK,
+    SERVE_STOP_TASK,
+    UNLOAD_ADAPTER_TASK,
+    AdapterLoadTask,
+    AdapterReport,
+    AdapterSpec,
+    AdapterUnloadTask,
+    ArtifactManifest,
+    ServerClaim,
+    ServerReply,
+    ServerReport,
+    ServerSpec,
+    ServerStopTask,
+    ServeStartTask,
+)
 
+log = logging.getLogger(__name__)
 S = DeploymentStatus
-
-SERVE_START_TASK = "tuneboard.serve_start"
-SERVE_STOP_TASK = "tuneboard.serve_stop"
-LOAD_ADAPTER_TASK = "tuneboard.serve_load_adapter"
-UNLOAD_ADAPTER_TASK = "tuneboard.serve_unload_adapter"
 
 # LoRA target modules vLLM serves for the decoder architectures LLaMA-Factory trains (attention
 # and MLP projections, including the packed names of some models).
@@ -169,31 +192,36 @@ def run_training_args(run: Run) -> dict[str, Any]:
     return args if isinstance(args, dict) else {}
 
 
-def adapter_dir_for(run: Run, checkpoint: str | None) -> Path:
-    """The adapter folder of a finished run: its final adapter (succeeded runs only) or one of
-    its complete checkpoints."""
+def adapter_manifest_for(session: Session, run: Run, checkpoint: str | None) -> ArtifactManifest:
+    """The stored adapter of a finished run: its final adapter (succeeded runs only) or one of its
+    checkpoints in the artifact store."""
     status = RunStatus(run.status)
     if status.is_active():
         raise DeploymentError(
             f"run {run.id} is {status.value}: deploy it once it has succeeded", 409, field="run_id"
         )
-    if not run.output_dir:
-        raise DeploymentError(f"run {run.id} has no output folder to deploy from", 409, field="run_id")
-    output = Path(run.output_dir)
+    stored = {a.name for a in artifact_service.list_artifacts(session, run.id)}
     if checkpoint is None:
-        if status != RunStatus.succeeded:
+        if status != RunStatus.succeeded or ADAPTER_ARTIFACT not in stored:
             raise DeploymentError(
-                f"run {run.id} {status.value}: it has no final adapter; pick one of its complete "
-                "checkpoints instead", 409, field="run_id",
+                f"run {run.id} {status.value} without a stored final adapter; pick one of its checkpoints "
+                "instead", 409, field="run_id",
             )
-        return Path(run.adapter_path) if run.adapter_path else output
-    complete = {c.get("name") for c in run.checkpoints if c.get("complete")}
-    if checkpoint not in complete:
-        known = ", ".join(sorted(complete)) or "none"
+        return artifact_service.get_manifest(session, run.id, ADAPTER_ARTIFACT)
+    if checkpoint not in stored:
+        known = ", ".join(sorted(name for name in stored if name != ADAPTER_ARTIFACT)) or "none"
         raise DeploymentError(
-            f"run {run.id} has no complete checkpoint {checkpoint!r} (complete: {known})", field="checkpoint"
+            f"run {run.id} has no stored checkpoint {checkpoint!r} (stored: {known})", field="checkpoint"
         )
-    return output / checkpoint
+    return artifact_service.get_manifest(session, run.id, checkpoint)
+
+
+def _panel_copy(manifest: ArtifactManifest) -> Path:
+    """The adapter on the panel's own disk (a cache keyed by content), for the preflight."""
+    folder = get_settings().path("cache", "adapters") / manifest.digest
+    if not folder.is_dir():
+        artifact_service.materialize(manifest, folder)
+    return folder
 
 
 def _default_name(run: Run, checkpoint: str | None) -> str:
@@ -232,15 +260,16 @@ def servers_by_id(session: Session, deployments: list[Deployment]) -> dict[int, 
 
 
 def deployable_runs(session: Session) -> list[Run]:
-    """Finished runs with something to deploy: a final adapter or a complete checkpoint."""
+    """Finished runs with something stored to deploy: a final adapter or a checkpoint."""
+    stored: dict[int, set[str]] = {}
+    for run_id, name in session.exec(select(RunArtifact.run_id, RunArtifact.name)).all():
+        stored.setdefault(run_id, set()).add(name)
     runs = session.exec(
-        select(Run).where(col(Run.status).in_([RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled]))
+        select(Run).where(col(Run.status).in_([RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled]),
+                          col(Run.id).in_(stored))
         .order_by(col(Run.id).desc())
     )
-    return [
-        run for run in runs
-        if run.output_dir and (run.status == RunStatus.succeeded or any(c.get("complete") for c in run.checkpoints))
-    ]
+    return [run for run in runs if run.status == RunStatus.succeeded or stored[run.id] - {ADAPTER_ARTIFACT}]
 
 
 def _active_deployment_named(session: Session, name: str) -> Deployment | None:
@@ -271,12 +300,6 @@ def _active_server_named(session: Session, base_name: str) -> InferenceServer | 
 # ------------------------------------------------------------------------ dispatch
 
 
-def send_task(name: str, *args: Any) -> None:
-    from workers.celery_app import SERVE_QUEUE, celery_app
-
-    celery_app.send_task(name, args=list(args), queue=SERVE_QUEUE)
-
-
 def _transition(session: Session, model: type, row_id: int, allowed: tuple[DeploymentStatus, ...], **values: Any) -> bool:
     """One conditional UPDATE: change the row only while its status is one of `allowed`."""
     result = session.execute(
@@ -294,7 +317,8 @@ def create_deployment(session: Session, data: DeploymentCreate) -> Deployment:
     if run is None:
         raise DeploymentError(f"run {data.run_id} does not exist", 404, field="run_id")
     checkpoint = data.checkpoint or None
-    adapter_dir = adapter_dir_for(run, checkpoint)
+    manifest = adapter_manifest_for(session, run, checkpoint)
+    adapter_dir = _panel_copy(manifest)
     args = run_training_args(run)
     base_model_path = str(args.get("model_name_or_path") or "")
     if not base_model_path:
@@ -332,13 +356,13 @@ def create_deployment(session: Session, data: DeploymentCreate) -> Deployment:
         server = InferenceServer(
             backend=data.backend, base_model_path=base_model_path, base_name=base_name,
             template=args.get("template"), max_lora_rank=settings.serve_max_lora_rank,
-            max_model_len=settings.serve_max_model_len,
+            max_model_len=settings.serve_max_model_len, api_key=secrets.token_urlsafe(32),
         )
         session.add(server)
         session.flush()
     deployment = Deployment(
         name=name, run_id=run.id, checkpoint=checkpoint, server_id=server.id,
-        adapter_path=str(adapter_dir), lora_name=name, lora_rank=info.rank,
+        artifact_digest=manifest.digest, lora_name=name, lora_rank=info.rank,
     )
     if replaced is not None:
         # A redeploy under the same name: the server swaps the weights in place (load_inplace).
@@ -349,17 +373,52 @@ def create_deployment(session: Session, data: DeploymentCreate) -> Deployment:
     session.refresh(deployment)
     session.refresh(server)
     if new_server:
-        send_task(SERVE_START_TASK, server.id)
+        kick_scheduler()
     elif server.status == S.ready:
         _dispatch_load(session, deployment, server, replace=replaced is not None)
     # A server still starting picks this adapter up when it reports ready.
     return deployment
 
 
+def _adapter_spec(session: Session, deployment: Deployment) -> AdapterSpec:
+    """What a worker fetches for `deployment`: the very folder that was deployed (its digest),
+    never another one stored under the same name since (a resumed run's checkpoints)."""
+    run = session.get(Run, deployment.run_id) if deployment.run_id else None
+    if run is None:
+        raise DeploymentError(f"the run of deployment {deployment.name} was deleted", 409)
+    manifest = adapter_manifest_for(session, run, deployment.checkpoint)
+    if deployment.artifact_digest and manifest.digest != deployment.artifact_digest:
+        raise DeploymentError(
+            f"run {run.id}'s stored {deployment.checkpoint or ADAPTER_ARTIFACT} is no longer the folder deployed "
+            f"as {deployment.name} (it was replaced since): deploy it again", 409,
+        )
+    return AdapterSpec(deployment_id=deployment.id, lora_name=deployment.lora_name, run_id=run.id, manifest=manifest)
+
+
+def _fail_deployment(session: Session, deployment: Deployment, reason: str) -> None:
+    _transition(session, Deployment, deployment.id, (S.pending, S.starting), status=S.failed,
+                status_reason=reason, stopped_at=utcnow())
+    session.commit()
+
+
+def _send(server: InferenceServer, task_name: str, payload: Any) -> None:
+    """A task for the worker that runs `server`; a broker that is down is logged (the server's
+    heartbeat replies still carry a stop)."""
+    try:
+        send_to_worker(server.worker_id or "", task_name, payload)
+    except Exception:
+        log.exception("server %s: could not send %s to %s", server.id, task_name, server.worker_id)
+
+
 def _dispatch_load(session: Session, deployment: Deployment, server: InferenceServer, *, replace: bool) -> None:
     if _transition(session, Deployment, deployment.id, (S.pending,), status=S.starting):
         session.commit()
-        send_task(LOAD_ADAPTER_TASK, deployment.id, server.url, deployment.lora_name, deployment.adapter_path, replace)
+        try:
+            adapter = _adapter_spec(session, deployment)
+        except DeploymentError as error:  # its folder is gone from the store: fail it, not the request
+            _fail_deployment(session, deployment, str(error))
+            return
+        _send(server, LOAD_ADAPTER_TASK, AdapterLoadTask(server_id=server.id, adapter=adapter, replace=replace))
 
 
 def undeploy(session: Session, deployment_id: int) -> Deployment:
@@ -383,7 +442,8 @@ def undeploy(session: Session, deployment_id: int) -> Deployment:
     ).all()
     if others:
         if was in (S.starting, S.ready) and server.url and not any(o.lora_name == deployment.lora_name for o in others):
-            send_task(UNLOAD_ADAPTER_TASK, deployment.id, server.url, deployment.lora_name)
+            _send(server, UNLOAD_ADAPTER_TASK, AdapterUnloadTask(
+                server_id=server.id, deployment_id=deployment.id, lora_name=deployment.lora_name))
         return deployment
     stop_server(session, server)
     return deployment
@@ -397,20 +457,68 @@ def stop_server(session: Session, server: InferenceServer) -> None:
         return
     session.execute(update(InferenceServer).where(InferenceServer.id == server.id).values(stop_requested=True))
     session.commit()
-    send_task(SERVE_STOP_TASK, server.id)
+    session.refresh(server)
+    if server.worker_id:
+        _send(server, SERVE_STOP_TASK, ServerStopTask(server_id=server.id))
 
 
 # ---------------------------------------------------------------- worker reports
 
 
-def claim_server(session: Session, server_id: int, worker_id: str) -> dict[str, Any]:
-    """The worker's claim before it starts a server: pending → starting, once."""
+def dispatch_server(session: Session, server: InferenceServer, worker_id: str, gpu_ids: list[int]) -> bool:
+    """The scheduler's choice: hand a pending server to `worker_id` and send it the task."""
+    dispatch_id = uuid.uuid4().hex
+    result = session.execute(
+        update(InferenceServer)
+        .where(InferenceServer.id == server.id, InferenceServer.status == S.pending,
+               col(InferenceServer.dispatch_id).is_(None), col(InferenceServer.stop_requested).is_(False))
+        .values(dispatch_id=dispatch_id, dispatched_worker_id=worker_id, dispatched_at=utcnow(), gpu_ids=gpu_ids)
+    )
+    if result.rowcount != 1:
+        session.rollback()
+        return False
+    session.commit()
+    try:
+        send_to_worker(worker_id, SERVE_START_TASK,
+                       ServeStartTask(server_id=server.id, dispatch_id=dispatch_id, gpu_ids=gpu_ids))
+    except Exception as error:
+        log.exception("server %s: could not send its task to %s", server.id, worker_id)
+        release_dispatch(session, server.id, dispatch_id, f"the broker refused the task: {error}")
+        return False
+    return True
+
+
+def release_dispatch(session: Session, server_id: int, dispatch_id: str, reason: str) -> bool:
+    """Take back a server dispatch that was never claimed, for the next pass to dispatch again."""
+    result = session.execute(
+        update(InferenceServer)
+        .where(InferenceServer.id == server_id, InferenceServer.status == S.pending,
+               InferenceServer.dispatch_id == dispatch_id)
+        .values(dispatch_id=None, dispatched_worker_id=None, dispatched_at=None, gpu_ids=[])
+    )
+    session.commit()
+    if result.rowcount == 1:
+        log.warning("server %s: dispatch released: %s", server_id, reason)
+    return result.rowcount == 1
+
+
+def claim_server(session: Session, server_id: int, claim: ServerClaim) -> ServerSpec:
+    """The worker's claim before it starts a server: pending → starting, once, by the worker it
+    was dispatched to."""
     settings = get_settings()
     now = utcnow()
     # An undeploy before any claim stops a pending server outright, so this also refuses those.
-    if not _transition(session, InferenceServer, server_id, (S.pending,), status=S.starting,
-                       worker_id=worker_id, claimed_at=now, heartbeat_at=now):
-        raise DeploymentError(f"server {server_id} is not waiting to start", 409)
+    result = session.execute(
+        update(InferenceServer)
+        .where(InferenceServer.id == server_id, InferenceServer.status == S.pending,
+               InferenceServer.dispatch_id == claim.dispatch_id,
+               InferenceServer.dispatched_worker_id == claim.worker_id)
+        .values(status=S.starting, worker_id=claim.worker_id, worker_instance=claim.instance_id or None,
+                claimed_at=now, heartbeat_at=now)
+    )
+    if result.rowcount != 1:
+        session.rollback()
+        raise DeploymentError(f"server {server_id} is not waiting to start on {claim.worker_id}", 409)
     session.execute(
         update(Deployment)
         .where(Deployment.server_id == server_id, Deployment.status == S.pending)
@@ -419,46 +527,55 @@ def claim_server(session: Session, server_id: int, worker_id: str) -> dict[str, 
     session.commit()
     server = session.get(InferenceServer, server_id)
     session.refresh(server)
-    adapters = session.exec(
+    specs: list[AdapterSpec] = []
+    refused: list[str] = []
+    for deployment in session.exec(
         select(Deployment).where(Deployment.server_id == server_id, Deployment.status == S.starting)
-    ).all()
-    return {
-        "server_id": server.id,
-        "backend": server.backend,
-        "base_model_path": server.base_model_path,
-        "base_name": server.base_name,
-        "template": server.template,
-        "max_lora_rank": server.max_lora_rank,
-        "max_model_len": server.max_model_len,
-        "kv_cache_bytes": settings.serve_kv_cache_bytes,
-        "cpu_threads": settings.serve_cpu_threads,
-        "gpu_memory_utilization": settings.serve_gpu_memory_utilization,
-        "ready_timeout_s": settings.serve_ready_timeout_s,
-        "heartbeat_interval_s": min(settings.heartbeat_interval_s, 2.0),
-        "adapters": [
-            {"deployment_id": d.id, "lora_name": d.lora_name, "path": d.adapter_path} for d in adapters
-        ],
-    }
+    ).all():
+        try:
+            specs.append(_adapter_spec(session, deployment))
+        except DeploymentError as error:  # the others are served all the same
+            _fail_deployment(session, deployment, str(error))
+            refused.append(str(error))
+    if not specs:
+        # Nothing left to serve: no process to start (and none would be stopped later).
+        _finish_server(session, server, S.failed, "; ".join(refused) or "no adapter to serve")
+        raise DeploymentError(f"server {server_id} has no adapter left to serve", 409)
+    return ServerSpec(
+        server_id=server.id,
+        backend=server.backend,
+        base_model_path=server.base_model_path,
+        base_name=server.base_name,
+        template=server.template,
+        api_key=server.api_key,
+        max_lora_rank=server.max_lora_rank,
+        max_model_len=server.max_model_len,
+        kv_cache_bytes=settings.serve_kv_cache_bytes,
+        cpu_threads=settings.serve_cpu_threads,
+        gpu_memory_utilization=settings.serve_gpu_memory_utilization,
+        gpu_ids=server.gpu_ids,
+        ready_timeout_s=settings.serve_ready_timeout_s,
+        heartbeat_interval_s=min(settings.heartbeat_interval_s, 2.0),
+        adapters=specs,
+    )
 
 
-def report_server(session: Session, server_id: int, report: dict[str, Any]) -> dict[str, Any]:
+def report_server(session: Session, server_id: int, report: ServerReport) -> ServerReply:
     """A serving worker's report (also its heartbeat). Replies whether to stop the server."""
     server = session.get(InferenceServer, server_id)
     if server is None:
         raise DeploymentError(f"server {server_id} does not exist", 404)
     now = utcnow()
-    status = report.get("status")
     common: dict[str, Any] = {"heartbeat_at": now}
-    if report.get("log_tail") is not None:
-        common["log_tail"] = report["log_tail"][-SERVER_LOG_TAIL_CHARS:]
-    if status == "ready":
+    if report.log_tail is not None:
+        common["log_tail"] = report.log_tail[-SERVER_LOG_TAIL_CHARS:]
+    if report.status == "ready":
         if _transition(session, InferenceServer, server_id, (S.starting,), status=S.ready, ready_at=now,
-                       url=report.get("url"), pid=report.get("pid"), **common):
-            loaded = set(report.get("adapters") or [])
+                       url=report.url, pid=report.pid, **common):
             session.execute(
                 update(Deployment)
                 .where(Deployment.server_id == server_id, Deployment.status == S.starting,
-                       col(Deployment.lora_name).in_(loaded))
+                       col(Deployment.lora_name).in_(report.adapters))
                 .values(status=S.ready, ready_at=now)
             )
             session.commit()
@@ -472,17 +589,9 @@ def report_server(session: Session, server_id: int, report: dict[str, Any]) -> d
                 session.add(deployment)
                 session.commit()
                 _dispatch_load(session, deployment, server, replace=True)  # also loads a new name
-    elif status in ("failed", "stopped"):
-        reason = report.get("reason") or ""
-        final = S.stopped if status == "stopped" and server.stop_requested else S.failed
-        if _transition(session, InferenceServer, server_id, (S.pending, S.starting, S.ready), status=final,
-                       status_reason=reason, stopped_at=now, **common):
-            dep_reason = "server stopped" if final == S.stopped else f"server failed: {reason}"
-            session.execute(
-                update(Deployment)
-                .where(Deployment.server_id == server_id, col(Deployment.status).in_(ACTIVE_STATUSES))
-                .values(status=final, status_reason=dep_reason, stopped_at=now)
-            )
+    elif report.status in ("failed", "stopped"):
+        final = S.stopped if report.status == "stopped" and server.stop_requested else S.failed
+        _finish_server(session, server, final, report.reason, **common)
     else:
         if DeploymentStatus(server.status).is_finished():
             session.commit()
@@ -490,23 +599,53 @@ def report_server(session: Session, server_id: int, report: dict[str, Any]) -> d
         session.execute(update(InferenceServer).where(InferenceServer.id == server_id).values(**common))
     session.commit()
     session.refresh(server)
-    return {"stop": server.stop_requested or DeploymentStatus(server.status).is_finished()}
+    return ServerReply(stop=server.stop_requested or DeploymentStatus(server.status).is_finished())
 
 
-def report_adapter(session: Session, deployment_id: int, report: dict[str, Any]) -> dict[str, Any]:
+def _finish_server(session: Session, server: InferenceServer, final: DeploymentStatus, reason: str,
+                   **values: Any) -> None:
+    """The server is gone (stopped or failed), and so is every deployment on it."""
+    now = utcnow()
+    if _transition(session, InferenceServer, server.id, (S.pending, S.starting, S.ready), status=final,
+                   status_reason=reason, stopped_at=now, **values):
+        dep_reason = "server stopped" if final == S.stopped else f"server failed: {reason}"
+        session.execute(
+            update(Deployment)
+            .where(Deployment.server_id == server.id, col(Deployment.status).in_(ACTIVE_STATUSES))
+            .values(status=final, status_reason=dep_reason, stopped_at=now)
+        )
+        session.commit()
+        kick_scheduler()  # its serving slot is free
+
+
+def fail_restarted_worker_servers(session: Session, worker_id: str, instance_id: str) -> None:
+    """A worker came back as a new process: the servers of its previous process died with it."""
+    for server in session.exec(
+        select(InferenceServer).where(
+            InferenceServer.worker_id == worker_id, col(InferenceServer.status).in_((S.starting, S.ready)),
+            col(InferenceServer.worker_instance).is_not(None), InferenceServer.worker_instance != instance_id,
+        )
+    ).all():
+        _finish_server(session, server, S.failed, f"worker {worker_id} restarted (the server died with it)")
+    for server in session.exec(
+        select(InferenceServer).where(InferenceServer.status == S.pending,
+                                      InferenceServer.dispatched_worker_id == worker_id)
+    ).all():
+        release_dispatch(session, server.id, server.dispatch_id or "", f"worker {worker_id} restarted")
+
+
+def report_adapter(session: Session, deployment_id: int, report: AdapterReport) -> None:
     """A load's outcome. 409 when the deployment was undeployed meanwhile: the worker unloads it."""
     deployment = get_deployment(session, deployment_id)
-    status = report.get("status")
-    if status == "ready":
+    if report.status == "ready":
         if _transition(session, Deployment, deployment_id, (S.starting,), status=S.ready, ready_at=utcnow()):
             session.commit()
         elif deployment.status != S.ready:
             raise DeploymentError(f"deployment {deployment_id} is {deployment.status}", 409)
-    elif status == "failed":
+    else:
         _transition(session, Deployment, deployment_id, (S.starting,), status=S.failed,
-                    status_reason=report.get("reason") or "the server refused the adapter", stopped_at=utcnow())
+                    status_reason=report.reason or "the server refused the adapter", stopped_at=utcnow())
         session.commit()
-    return {}
 
 
 def expire_silent_servers(session: Session) -> None:
@@ -519,9 +658,7 @@ def expire_silent_servers(session: Session) -> None:
         )
     ).all()
     for server in silent:
-        report_server(session, server.id, {
-            "status": "failed", "reason": f"worker {server.worker_id} silent for more than {timeout:.0f} s",
-        })
+        _finish_server(session, server, S.failed, f"worker {server.worker_id} silent for more than {timeout:.0f} s")
 
 
 # -------------------------------------------------------------------------- gateway
@@ -529,11 +666,17 @@ def expire_silent_servers(session: Session) -> None:
 
 @dataclass(frozen=True)
 class Route:
-    """Where the gateway sends a `model`: the server's URL and the model name it knows."""
+    """Where the gateway sends a `model`: the server's URL, the model name it knows and the
+    secret it requires."""
 
     url: str
     upstream_model: str
     max_model_len: int
+    api_key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
 
 def gateway_models(session: Session) -> list[tuple[str, datetime]]:
@@ -556,8 +699,18 @@ def resolve_model(session: Session, name: str) -> Route:
         server = session.get(InferenceServer, deployment.server_id)
         if deployment.status != S.ready or server is None or server.status != S.ready or not server.url:
             raise DeploymentError(f"the model {name} is {deployment.status}, not ready yet", 409)
-        return Route(server.url, deployment.lora_name, server.max_model_len)
+        return Route(server.url, deployment.lora_name, server.max_model_len, server.api_key)
     server = _active_server_named(session, name) if name else None
     if server is not None and server.status == S.ready and server.url:
-        return Route(server.url, server.base_name, server.max_model_len)
+        return Route(server.url, server.base_name, server.max_model_len, server.api_key)
     raise DeploymentError(f"the model {name!r} does not exist: GET /v1/models lists the deployed ones", 404)
+
+
+def remove_deployment(session: Session, deployment_id: int) -> None:
+    """Delete the row of a stopped or failed deployment (from the Deployments page; nothing is
+    running any more, so nothing else changes)."""
+    deployment = get_deployment(session, deployment_id)
+    if not DeploymentStatus(deployment.status).is_finished():
+        raise DeploymentError(f"deployment {deployment.name} is {deployment.status}: undeploy it first", 409)
+    session.delete(deployment)
+    session.commit()

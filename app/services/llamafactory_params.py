@@ -2,13 +2,27 @@
 
 Sections and their order follow LLaMA-Factory's examples/train_lora/*.yaml (### model, ### method,
 ### dataset, ### output, ### train, ### eval). Any other argument is kept as an "advanced" key and
-checked by LLaMA-Factory's own parser (workers/envscripts/validate_args.py).
+checked by LLaMA-Factory's own parser (workers/envscripts/validate_args.py). Every key must be one of
+LLaMA-Factory's argument names (`argument_names`, read from the training env).
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import os
+import subprocess
+import threading
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
+
+from app.settings import PROJECT_ROOT, get_settings
+
+ARGUMENT_NAMES_SCRIPT = PROJECT_ROOT / "workers" / "envscripts" / "train_arg_names.py"
+# Importing LLaMA-Factory takes 5 s on an idle machine, far more on a busy one.
+ARGUMENT_NAMES_TIMEOUT_S = 300
 
 SECTIONS = ("model", "method", "dataset", "output", "train", "eval")
 
@@ -25,6 +39,16 @@ class Param:
     in_form: bool = True
     nullable: bool = False
 
+    @property
+    def label(self) -> str:
+        """What the form calls it (the YAML key is shown under it)."""
+        return LABELS.get(self.name, self.name.replace("_", " ").capitalize())
+
+    @property
+    def basic(self) -> bool:
+        """Shown up front; the others of its section fold under "More settings"."""
+        return self.name in BASIC
+
 
 # The well-known LoRA SFT starting config; `None` marks "unset" (the key is not written).
 PARAMS: tuple[Param, ...] = (
@@ -37,8 +61,8 @@ PARAMS: tuple[Param, ...] = (
           choices=("4", "8"), nullable=True),
     Param("flash_attn", "model", str, "auto", "Attention kernel: auto picks the fastest available.",
           choices=("auto", "disabled", "sdpa", "fa2", "fa3")),
-    Param("enable_liger_kernel", "model", bool, None, "Liger's fused Triton kernels (GPU): less memory, faster."
-          " GPU default: on (the LM head's logits are never materialised: 5.8 instead of 15 GiB on Qwen2.5-0.5B).",
+    Param("enable_liger_kernel", "model", bool, None, "Liger's fused Triton kernels (GPU only, needs the liger-kernel"
+          " package): less memory and faster steps. On by default for GPU runs.",
           nullable=True),
     Param("disable_gradient_checkpointing", "model", bool, None,
           "LLaMA-Factory checkpoints activations unless this is true.", in_form=False, nullable=True),
@@ -71,9 +95,8 @@ PARAMS: tuple[Param, ...] = (
     Param("preprocessing_num_workers", "dataset", int, 16, "Processes that tokenize the dataset."),
     Param("dataloader_num_workers", "dataset", int, 8, "Processes that feed batches during training."),
     Param("packing", "dataset", bool, None,
-          "Pack several short examples into one sequence of cutoff_len: much faster on short data. GPU default: on"
-          " (with gradient checkpointing off and Liger: 3.1× the usual config's real tokens/s on Qwen2.5-7B at"
-          " batch 4 × 3, 9× on 0.5B at 12 × 1, same loss at equal tokens; measured on an H100, docs/benchmarks.md).", nullable=True),
+          "Pack several short examples into one sequence of cutoff_len, so that little time goes to padding:"
+          " much faster on short examples. On by default for GPU runs (docs/benchmarks.md).", nullable=True),
     Param("neat_packing", "dataset", bool, None,
           "Packing without cross-attention between packed examples (SFT only).", nullable=True),
     # ### output
@@ -85,11 +108,13 @@ PARAMS: tuple[Param, ...] = (
     Param("save_only_model", "output", bool, False, "Checkpoints without optimizer state (smaller; no exact resume)."),
     Param("report_to", "output", str, None, "Experiment tracker; none keeps everything in the panel.",
           choices=("none", "tensorboard", "wandb", "swanlab", "mlflow"), nullable=True),
+    Param("include_num_input_tokens_seen", "output", str, "non_padding",
+          "Count the tokens trained on, padding left out: the run's tokens/s chart and its tokens axis need it.",
+          choices=("non_padding", "all", "no")),
     # ### train
     Param("per_device_train_batch_size", "train", int, 4,
-          "Examples per GPU per forward pass. GPU default 4 × accumulation 3 = 12 packed sequences per step (about"
-          " the usual 32 unpacked ones): fits a 7B model on an 80 GB card without gradient checkpointing; on"
-          " models under ~2B use 12 × 1 to fill the card (2.7× faster than 4 × 3 on Qwen2.5-0.5B)."),
+          "Examples per GPU in each forward pass. Larger batches use more GPU memory and fill the GPU better;"
+          " for models under ~2B, 12 with accumulation 1 is usually faster than 4 × 3."),
     Param("gradient_accumulation_steps", "train", int, 8,
           "Forward passes summed per optimizer step (effective batch = batch × accumulation × GPUs)."),
     Param("learning_rate", "train", float, 1.0e-4, "Peak learning rate (1e-4 to 2e-4 is usual for LoRA)."),
@@ -113,6 +138,33 @@ PARAMS: tuple[Param, ...] = (
 )
 
 BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
+
+SECTION_TITLES = {
+    "model": "Model", "method": "Fine-tuning method", "dataset": "Data", "output": "Logging and checkpoints",
+    "train": "Training", "eval": "Evaluation",
+}
+LABELS = {
+    "quantization_bit": "Quantization (QLoRA)", "flash_attn": "Attention kernel", "enable_liger_kernel": "Liger kernels",
+    "stage": "Training stage", "finetuning_type": "Fine-tuning type", "lora_rank": "LoRA rank",
+    "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout", "lora_target": "LoRA target modules",
+    "template": "Chat template", "cutoff_len": "Max tokens per example", "max_samples": "Rows per dataset",
+    "overwrite_cache": "Tokenize again each run", "preprocessing_num_workers": "Tokenizer processes",
+    "dataloader_num_workers": "Data loader processes", "packing": "Pack short examples",
+    "neat_packing": "Pack without cross-attention", "logging_steps": "Log every N steps",
+    "save_steps": "Checkpoint every N steps", "plot_loss": "Loss plots", "overwrite_output_dir": "Start from an empty folder",
+    "save_only_model": "Checkpoints without optimizer state", "report_to": "Experiment tracker",
+    "include_num_input_tokens_seen": "Count tokens", "per_device_train_batch_size": "Batch size per device",
+    "gradient_accumulation_steps": "Gradient accumulation steps", "learning_rate": "Learning rate",
+    "num_train_epochs": "Epochs", "lr_scheduler_type": "Learning-rate schedule", "warmup_ratio": "Warm-up share",
+    "bf16": "bf16 mixed precision", "ddp_timeout": "Multi-GPU timeout (s)", "seed": "Random seed",
+    "val_size": "Held-out share for evaluation", "per_device_eval_batch_size": "Eval batch size per device",
+    "eval_strategy": "When to evaluate", "eval_steps": "Evaluate every N steps",
+}
+BASIC = frozenset({
+    "lora_rank", "template", "cutoff_len", "max_samples", "logging_steps", "save_steps",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "bf16",
+    "val_size", "eval_strategy", "eval_steps",
+})
 
 # Keys the panel fills per run: never typed by the user.
 PANEL_OWNED = frozenset({"output_dir", "dataset_dir"})
@@ -193,3 +245,58 @@ def coerce(name: str, value: Any) -> Any:
             raise ValueError("must be a number") from None
     # Lists (report_to: [wandb, tensorboard]) pass through as LLaMA-Factory accepts them.
     return value.strip() if isinstance(value, str) else value
+
+
+# ------------------------------------------------------------------------- LLaMA-Factory's own names
+
+
+class TrainingEnvUnavailable(RuntimeError):
+    """The training environment could not say what LLaMA-Factory knows (missing, broken, too slow)."""
+
+
+def llamafactory_cache_file(train_python: str, what: str) -> Path | None:
+    """A cache file in the data dir for an answer of the training env, named after its llamafactory
+    dist-info so that an upgrade asks again (None when llamafactory is not installed there)."""
+    env_root = Path(train_python).parent.parent
+    dist_infos = sorted(env_root.glob("lib/python*/site-packages/llamafactory-*.dist-info"))
+    if not dist_infos:
+        return None
+    return get_settings().path("cache") / f"{what}-{dist_infos[-1].name}.json"
+
+
+# A burst of requests on a cold cache would each start the training env: the first asks, the others wait.
+_argument_names_lock = threading.Lock()
+
+
+@lru_cache
+def argument_names(train_python: str) -> frozenset[str]:
+    """Every key `llamafactory-cli train` accepts (its five argument dataclasses, transformers'
+    Seq2SeqTrainingArguments included): asked once per installed LLaMA-Factory version, then read
+    from a cache file. Raises TrainingEnvUnavailable."""
+    with _argument_names_lock:
+        cache = llamafactory_cache_file(train_python, "train-arguments")
+        if cache is not None and cache.exists():
+            return frozenset(json.loads(cache.read_text()))
+        try:
+            completed = subprocess.run(
+                [train_python, str(ARGUMENT_NAMES_SCRIPT)], capture_output=True, text=True, check=False,
+                timeout=ARGUMENT_NAMES_TIMEOUT_S, env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},
+            )
+        except FileNotFoundError:
+            raise TrainingEnvUnavailable(f"the training environment is missing ({train_python})") from None
+        except subprocess.TimeoutExpired:
+            raise TrainingEnvUnavailable("the training environment took too long to list its arguments") from None
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+        if completed.returncode != 0 or not lines:
+            tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
+            raise TrainingEnvUnavailable(f"the training environment could not list its arguments: {tail}")
+        names = sorted(json.loads(lines[-1])["names"])
+        if cache is not None:
+            cache.write_text(json.dumps(names))
+        return frozenset(names)
+
+
+def closest_argument(key: str, names: frozenset[str]) -> str | None:
+    """The known name a mistyped key most likely meant (lerning_rate → learning_rate), if any is close."""
+    matches = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+    return matches[0] if matches else None

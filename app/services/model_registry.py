@@ -16,6 +16,7 @@ from app.models import ModelEntry, TrainConfig
 from app.security import PathNotAllowed, confine
 from app.services.llamafactory_params import BASE_TEMPLATES
 from app.settings import get_settings
+from app.wire import model_fingerprint
 
 # A safetensors file starts with an 8-byte little-endian header length, then that much JSON.
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
@@ -41,6 +42,7 @@ class ModelInfo:
     dtype: str
     has_chat_template: bool
     suggested_template: str | None
+    fingerprint: str
 
 
 def model_roots() -> list[Path]:
@@ -195,6 +197,7 @@ def describe(folder: Path) -> ModelInfo:
         dtype=dtype,
         has_chat_template=_has_chat_template(folder),
         suggested_template=suggest_template(folder.name, config),
+        fingerprint=model_fingerprint(folder) or "",
     )
 
 
@@ -227,6 +230,7 @@ def _apply(entry: ModelEntry, info: ModelInfo) -> None:
     entry.dtype = info.dtype
     entry.has_chat_template = info.has_chat_template
     entry.suggested_template = info.suggested_template
+    entry.fingerprint = info.fingerprint
 
 
 def add_model(session: Session, path: str, name: str | None = None) -> ModelEntry:

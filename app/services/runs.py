@@ -8,34 +8,49 @@ cannot both win, and a transition the table below does not list is refused.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
-import re
 import shutil
+import uuid
 import zipfile
-from collections.abc import AsyncIterator, Iterable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import anyio
-from pydantic import BaseModel, Field
 from sqlalchemy import update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, func, select
 
-from app.db import get_engine
 from app.models import Dataset, Deployment, ModelEntry, Run, RunEvent, RunLogLine, RunMetric, RunStatus, TrainConfig
 from app.models.base import as_utc, utcnow
-from app.models.run import MetricPoint
+from app.models.run import RunPriority
+from app.services import artifacts as artifact_service
 from app.services import configs as config_service
+from app.services.broker import kick_scheduler, send_to_workers
 from app.services.datasets import dataset_info_for, run_file_name
 from app.services.run_events import hub
 from app.services.workers import gpu_capacity_problem
 from app.settings import get_settings
+from app.wire import (
+    ADAPTER_ARTIFACT,
+    CHECKPOINT_PATTERN,
+    DATASET_DIR_PLACEHOLDER,
+    METRIC_FIELDS,
+    OUTPUT_DIR_PLACEHOLDER,
+    RESULT_FILES,
+    TRAIN_TASK,
+    ArtifactManifest,
+    ClaimRequest,
+    DatasetFile,
+    EventsRequest,
+    FinishRequest,
+    MetricPoint,
+    RunSpec,
+    TrainTask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +69,6 @@ TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
 ACTIVE = (S.queued, S.starting, S.running)
 CLAIMED = (S.starting, S.running)
 RESTARTABLE = (S.failed, S.cancelled, S.lost)
-
-TRAIN_TASK = "tuneboard.train"
-TRAIN_QUEUE = "train"
-# How often a worker reports while its process lives (the per-run heartbeat).
-RUN_HEARTBEAT_INTERVAL_S = 2.0
-LOST_SWEEP_INTERVAL_S = 2.0
-OUTPUT_DIR_PLACEHOLDER = "{OUTPUT_DIR}"
-DATASET_DIR_PLACEHOLDER = "{DATASET_DIR}"
-ARTIFACT_NAMES = frozenset({
-    "training_loss.png", "training_eval_loss.png", "all_results.json", "train_results.json",
-    "eval_results.json", "trainer_log.jsonl",
-})
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-METRIC_FIELDS = tuple(name for name in MetricPoint.model_fields if name != "step")
 REASON_MAX_CHARS = 8000
 
 
@@ -89,58 +90,6 @@ class RunConflict(RunError):
 
 class IllegalTransition(RunError):
     status_code = 409
-
-
-# --------------------------------------------------------------------------- worker payloads
-class ClaimRequest(BaseModel):
-    attempt: int
-    worker_id: str
-    task_id: str = ""
-    gpu_ids: list[int] = Field(default_factory=list)
-    hostname: str = ""
-
-
-class ProgressReport(BaseModel):
-    current_steps: int | None = None
-    total_steps: int | None = None
-    percentage: float | None = None
-    epoch: float | None = None
-    elapsed_time: float | None = None
-    remaining_time: float | None = None
-
-
-class LogReport(BaseModel):
-    source: str = Field(pattern="^(running_log|stdout)$")
-    offset: int
-    line: str
-
-
-class EventsRequest(BaseModel):
-    attempt: int
-    worker_id: str
-    status: RunStatus | None = None
-    progress: ProgressReport | None = None
-    metrics: list[MetricPoint] = Field(default_factory=list)
-    logs: list[LogReport] = Field(default_factory=list)
-
-
-class CheckpointReport(BaseModel):
-    name: str
-    step: int
-    complete: bool = True
-
-
-class FinishRequest(BaseModel):
-    attempt: int
-    worker_id: str
-    outcome: RunStatus
-    exit_code: int | None = None
-    reason: str = ""
-    results: dict[str, Any] = Field(default_factory=dict)
-    checkpoints: list[CheckpointReport] = Field(default_factory=list)
-    adapter_path: str | None = None
-    output_dir: str | None = None
-    versions: dict[str, str] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the state machine
@@ -245,6 +194,7 @@ def start_run(
     gpus: int | None = None,
     idempotency_key: str | None = None,
     rerun_of: int | None = None,
+    priority: RunPriority = RunPriority.normal,
 ) -> tuple[Run, bool]:
     """Queue a new run of a config; returns (run, created). A repeated idempotency key returns
     the run the first request created."""
@@ -284,7 +234,7 @@ def start_run(
     run = Run(
         name=(name or "").strip() or f"{config.name} v{config.version}",
         config_id=config_id, status=S.queued, gpus_requested=gpus, train_yaml=train_yaml,
-        lineage=lineage, idempotency_key=idempotency_key or None,
+        lineage=lineage, idempotency_key=idempotency_key or None, priority=priority,
     )
     session.add(run)
     try:
@@ -295,26 +245,67 @@ def start_run(
     _event(session, run.id, "status", {"status": S.queued.value, "attempt": 1})
     session.commit()
     session.refresh(run)
-    _send_task(session, run)
+    kick_scheduler()
     return run, True
 
 
-def _send_task(session: Session, run: Run) -> None:
-    from workers.celery_app import celery_app
+# --------------------------------------------------------------------------- dispatch
+@dataclass(frozen=True)
+class Dispatch:
+    """The scheduler's choice for one queued attempt: this worker, these GPUs."""
 
-    try:
-        celery_app.send_task(
-            # gpus travels with the task so that the worker reserves them before it claims.
-            TRAIN_TASK, args=(run.id, run.attempt, run.gpus_requested), queue=TRAIN_QUEUE,
-            retry=True, retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+    run_id: int
+    attempt: int
+    worker_id: str
+    gpu_ids: list[int]
+
+
+def dispatch_runs(session: Session, dispatches: list[Dispatch]) -> int:
+    """Hand each queued attempt to its worker (one transaction), then send the workers their
+    tasks (one broker connection). A run that changed meanwhile is skipped; one whose task the
+    broker refused is taken back for the next pass. Returns how many were dispatched."""
+    sent: list[tuple[Dispatch, str]] = []
+    now = utcnow()
+    for choice in dispatches:
+        dispatch_id = uuid.uuid4().hex
+        result = session.exec(
+            _update_run(Run.id == choice.run_id, Run.attempt == choice.attempt, Run.status == S.queued,
+                        col(Run.dispatch_id).is_(None))
+            .values(dispatch_id=dispatch_id, dispatched_worker_id=choice.worker_id, dispatched_at=now,
+                    gpu_ids=choice.gpu_ids)
         )
-    except Exception as error:  # the broker is down: say so on the run instead of leaving it queued
-        log.exception("run %s: could not queue its task", run.id)
-        _transition(
-            session, run.id, S.failed, attempt=run.attempt,
-            values={"status_reason": f"could not queue the task: {error}", "finished_at": utcnow()},
-        )
-    session.refresh(run)
+        if result.rowcount == 1:
+            _event(session, choice.run_id, "status",
+                   {"status": S.queued.value, "dispatched_to": choice.worker_id, "gpu_ids": choice.gpu_ids})
+            sent.append((choice, dispatch_id))
+    session.commit()
+    errors = send_to_workers([
+        (choice.worker_id, TRAIN_TASK, TrainTask(run_id=choice.run_id, attempt=choice.attempt,
+                                                 dispatch_id=dispatch_id, gpu_ids=choice.gpu_ids))
+        for choice, dispatch_id in sent
+    ])
+    for (choice, dispatch_id), error in zip(sent, errors, strict=True):
+        hub.notify(choice.run_id)
+        if error is not None:
+            log.error("run %s: could not send its task to %s: %s", choice.run_id, choice.worker_id, error)
+            release_dispatch(session, choice.run_id, dispatch_id, f"the broker refused the task: {error}")
+    return sum(error is None for error in errors)
+
+
+def release_dispatch(session: Session, run_id: int, dispatch_id: str, reason: str) -> bool:
+    """Take back a dispatch that was never claimed, so that the next pass dispatches it again."""
+    result = session.exec(
+        _update_run(Run.id == run_id, Run.status == S.queued, Run.dispatch_id == dispatch_id)
+        .values(dispatch_id=None, dispatched_worker_id=None, dispatched_at=None, gpu_ids=[])
+    )
+    if result.rowcount != 1:
+        session.rollback()
+        return False
+    _event(session, run_id, "status", {"status": S.queued.value, "redispatch": reason})
+    session.commit()
+    hub.notify(run_id)
+    log.warning("run %s: dispatch released: %s", run_id, reason)
+    return True
 
 
 def run_again(session: Session, run_id: int, *, idempotency_key: str | None = None) -> tuple[Run, bool]:
@@ -354,18 +345,18 @@ def cancel_run(session: Session, run_id: int) -> Run:
     return run  # a cancel was already requested
 
 
-def latest_checkpoint(run: Run) -> str | None:
-    """The newest complete checkpoint (its trainer_state.json is written last): listed on disk
-    (the embedded worker shares the data dir) or as the worker reported it at finish."""
-    steps: dict[int, str] = {}
-    output = _local_output_dir(run)
-    for child in output.iterdir() if output is not None else ():
-        match = CHECKPOINT_RE.match(child.name)
-        if match and (child / "trainer_state.json").is_file():
-            steps[int(match.group(1))] = child.name
-    for checkpoint in run.checkpoints:
-        if checkpoint.get("complete") and CHECKPOINT_RE.match(str(checkpoint.get("name", ""))):
-            steps.setdefault(int(checkpoint["step"]), checkpoint["name"])
+def stored_checkpoints(session: Session, run_id: int) -> dict[int, str]:
+    """step → name of the run's checkpoints in the artifact store (complete ones only: a worker
+    uploads a checkpoint once its trainer_state.json, written last, is there)."""
+    return {
+        artifact.step: artifact.name for artifact in artifact_service.list_artifacts(session, run_id)
+        if artifact.step is not None and CHECKPOINT_PATTERN.match(artifact.name)
+    }
+
+
+def latest_checkpoint(session: Session, run: Run) -> str | None:
+    """The newest checkpoint in the artifact store: any worker can resume from it."""
+    steps = stored_checkpoints(session, run.id)
     return steps[max(steps)] if steps else None
 
 
@@ -382,7 +373,8 @@ def _new_attempt(session: Session, run: Run, *, resume_from: str | None, verb: s
         session, run.id, S.queued, allowed_from=RESTARTABLE, attempt=run.attempt,
         values={
             "attempt": attempt, "resume_from": resume_from, "cancel_requested": False,
-            "status_reason": "", "worker_id": None, "task_id": None, "gpu_ids": [],
+            "status_reason": "", "worker_id": None, "worker_instance": None, "task_id": None, "gpu_ids": [],
+            "dispatch_id": None, "dispatched_worker_id": None, "dispatched_at": None, "queued_at": utcnow(),
             "exit_code": None, "started_at": None, "finished_at": None, "heartbeat_at": None,
         },
         event={"attempt": attempt, "resume_from": resume_from, "reset": resume_from is None},
@@ -393,9 +385,8 @@ def _new_attempt(session: Session, run: Run, *, resume_from: str | None, verb: s
         # From scratch: the curve starts over (a resume continues on the same chart instead).
         session.exec(delete(RunMetric).where(RunMetric.run_id == run.id))
         session.commit()
-    run = get_run(session, run.id)
-    _send_task(session, run)
-    return run
+    kick_scheduler()
+    return get_run(session, run.id)
 
 
 def resume_run(session: Session, run_id: int) -> Run:
@@ -404,7 +395,7 @@ def resume_run(session: Session, run_id: int) -> Run:
         raise RunConflict(
             f"run {run_id} is {run.status.value}: only a failed, cancelled or lost run can be resumed"
         )
-    checkpoint = latest_checkpoint(run)
+    checkpoint = latest_checkpoint(session, run)
     if checkpoint is None:
         raise RunConflict(
             f"run {run_id} has no complete checkpoint to resume from (set save_steps in the config); "
@@ -424,29 +415,34 @@ def delete_run(session: Session, run_id: int) -> None:
     deployed = session.exec(select(Deployment).where(Deployment.run_id == run_id)).first()
     if deployed is not None:
         raise RunConflict(f"run {run_id} has deployment {deployed.name!r}: remove the deployment first")
+    artifact_service.delete_run_artifacts(session, run_id)
     session.exec(delete(Run).where(Run.id == run_id, col(Run.status).not_in(ACTIVE)))
     session.commit()
     shutil.rmtree(run_dir(run_id), ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the worker channel
-def claim_run(session: Session, run_id: int, claim: ClaimRequest) -> dict[str, Any]:
+def claim_run(session: Session, run_id: int, claim: ClaimRequest) -> RunSpec:
+    """A worker's claim of the attempt dispatched to it: queued → starting, once. A redelivered
+    or superseded task (another attempt, another dispatch) is refused."""
     now = utcnow()
     claimed = _transition(
         session, run_id, S.starting, allowed_from=[S.queued], attempt=claim.attempt,
+        extra_where=[Run.dispatch_id == claim.dispatch_id, Run.dispatched_worker_id == claim.worker_id],
         values={
-            "worker_id": claim.worker_id, "task_id": claim.task_id or None, "gpu_ids": claim.gpu_ids,
-            "started_at": now, "heartbeat_at": now,
+            "worker_id": claim.worker_id, "worker_instance": claim.instance_id or None,
+            "task_id": claim.task_id or None, "started_at": now, "heartbeat_at": now,
         },
-        event={"attempt": claim.attempt, "worker_id": claim.worker_id, "gpu_ids": claim.gpu_ids},
+        event={"attempt": claim.attempt, "worker_id": claim.worker_id},
     )
     if not claimed:
         run = session.get(Run, run_id)
         if run is None:
             raise RunNotFound(f"run {run_id} not found (deleted)")
+        session.refresh(run)
         raise RunConflict(
-            f"run {run_id} attempt {claim.attempt} is not claimable (the run is at attempt "
-            f"{run.attempt}, {run.status.value})"
+            f"run {run_id} attempt {claim.attempt} is not claimable by {claim.worker_id} (the run is at "
+            f"attempt {run.attempt}, {run.status.value}, dispatched to {run.dispatched_worker_id or 'nobody'})"
         )
     run = get_run(session, run_id)
     datasets = {entry["name"]: session.get(Dataset, entry["id"]) for entry in run.lineage["datasets"]}
@@ -454,20 +450,24 @@ def claim_run(session: Session, run_id: int, claim: ClaimRequest) -> dict[str, A
     if missing:
         fail_run(session, run, f"dataset(s) {', '.join(missing)} were deleted after the run was queued")
         raise RunConflict(f"run {run_id}: dataset(s) {', '.join(missing)} no longer exist")
-    return {
-        "run_id": run.id,
-        "attempt": run.attempt,
-        "train_yaml": run.train_yaml,
-        "dataset_info": {name: dataset_info_for([d])[d.name] for name, d in datasets.items()},
-        "datasets": [
-            {"name": name, "file_name": run_file_name(d), "sha256": d.sha256,
-             "url": f"/internal/v1/datasets/{d.id}/file"}
+    resume_manifest = (
+        artifact_service.get_manifest(session, run.id, run.resume_from) if run.resume_from else None
+    )
+    return RunSpec(
+        run_id=run.id,
+        attempt=run.attempt,
+        train_yaml=run.train_yaml,
+        dataset_info={name: dataset_info_for([d])[d.name] for name, d in datasets.items()},
+        datasets=[
+            DatasetFile(name=name, file_name=run_file_name(d), sha256=d.sha256,
+                        url=f"/internal/v1/datasets/{d.id}/file")
             for name, d in datasets.items()
         ],
-        "resume_from_checkpoint": run.resume_from,
-        "gpus": run.gpus_requested,
-        "heartbeat_interval_s": RUN_HEARTBEAT_INTERVAL_S,
-    }
+        gpu_ids=run.gpu_ids,
+        gpus=run.gpus_requested,
+        resume_from_checkpoint=run.resume_from,
+        resume_manifest=resume_manifest,
+    )
 
 
 def fail_run(session: Session, run: Run, reason: str) -> bool:
@@ -557,11 +557,10 @@ def record_events(session: Session, run_id: int, report: EventsRequest) -> bool:
 
 
 def _finished_outcome(run: Run, report: FinishRequest) -> RunStatus:
-    if report.outcome not in (S.succeeded, S.failed, S.cancelled):
-        raise RunError(f"outcome must be succeeded, failed or cancelled, not {report.outcome.value}")
-    if report.outcome == S.failed and run.cancel_requested:
+    outcome = RunStatus(report.outcome)
+    if outcome == S.failed and run.cancel_requested:
         return S.cancelled
-    return report.outcome
+    return outcome
 
 
 def finish_run(session: Session, run_id: int, report: FinishRequest) -> None:
@@ -574,13 +573,13 @@ def finish_run(session: Session, run_id: int, report: FinishRequest) -> None:
         session, run_id, outcome, allowed_from=CLAIMED, attempt=report.attempt,
         values={
             "exit_code": report.exit_code, "status_reason": reason, "results": report.results,
-            "checkpoints": [c.model_dump() for c in report.checkpoints],
-            "adapter_path": report.adapter_path, "output_dir": report.output_dir,
+            "checkpoints": [c.model_dump() for c in report.checkpoints], "has_adapter": report.has_adapter,
             "lineage": {**run.lineage, "versions": report.versions}, "finished_at": utcnow(),
         },
         event={"attempt": report.attempt, "reason": reason[-500:], "exit_code": report.exit_code},
     )
     if finished:
+        kick_scheduler()  # its GPUs or slot are free
         return
     run = get_run(session, run_id)
     if run.attempt == report.attempt and run.status == outcome:
@@ -591,9 +590,9 @@ def finish_run(session: Session, run_id: int, report: FinishRequest) -> None:
     )
 
 
-def store_artifact(run_id: int, attempt: int, name: str, source: io.RawIOBase | Any, session: Session) -> Path:
-    if name not in ARTIFACT_NAMES:
-        raise RunError(f"artifact {name!r} is not one of {sorted(ARTIFACT_NAMES)}")
+def store_result_file(run_id: int, attempt: int, name: str, source: io.RawIOBase | Any, session: Session) -> Path:
+    if name not in RESULT_FILES:
+        raise RunError(f"result file {name!r} is not one of {sorted(RESULT_FILES)}")
     run = get_run(session, run_id)
     if run.attempt != attempt:
         raise RunConflict(f"run {run_id} is at attempt {run.attempt}, not {attempt}")
@@ -620,41 +619,38 @@ def mark_lost_runs(session: Session, now: datetime | None = None) -> list[int]:
     for run in silent:
         since = as_utc(run.heartbeat_at)
         reason = f"worker {run.worker_id} silent since {since.isoformat(timespec='seconds')}"
-        if _transition(
-            session, run.id, S.lost, allowed_from=CLAIMED, attempt=run.attempt,
-            extra_where=[col(Run.heartbeat_at) < cutoff],
-            values={"status_reason": reason, "finished_at": now}, event={"reason": reason},
-        ):
+        if _mark_lost(session, run, reason, now, extra_where=[col(Run.heartbeat_at) < cutoff]):
             lost.append(run.id)
     return lost
 
 
-def _sweep_once() -> None:
-    with Session(get_engine()) as session:
-        for run_id in mark_lost_runs(session):
-            log.warning("run %s is lost: its worker went silent", run_id)
+def mark_restarted_worker_runs(session: Session, worker_id: str, instance_id: str) -> list[int]:
+    """A worker came back as a new process: the attempts its previous process had claimed died
+    with it (their trainers die with their worker), and its unclaimed dispatches are taken back."""
+    now = utcnow()
+    lost = []
+    for run in session.exec(
+        select(Run).where(col(Run.status).in_(CLAIMED), Run.worker_id == worker_id,
+                          col(Run.worker_instance).is_not(None), Run.worker_instance != instance_id)
+    ).all():
+        reason = f"worker {worker_id} restarted (its previous process died during the run)"
+        if _mark_lost(session, run, reason, now, extra_where=[Run.worker_instance == run.worker_instance]):
+            lost.append(run.id)
+    for run in session.exec(
+        select(Run).where(Run.status == S.queued, Run.dispatched_worker_id == worker_id)
+    ).all():
+        release_dispatch(session, run.id, run.dispatch_id or "", f"worker {worker_id} restarted before claiming it")
+    return lost
 
 
-@asynccontextmanager
-async def watch_lost_runs(interval_s: float = LOST_SWEEP_INTERVAL_S) -> AsyncIterator[None]:
-    """The app's background sweep (started in its lifespan)."""
-
-    async def sweep_forever() -> None:
-        # Workers cannot report while the app is down: after a (re)start, give them one timeout
-        # to get through before calling anyone silent.
-        await asyncio.sleep(get_settings().heartbeat_timeout_s)
-        while True:
-            try:
-                await anyio.to_thread.run_sync(_sweep_once)
-            except Exception:
-                log.exception("lost-run sweep failed")
-            await asyncio.sleep(interval_s)
-
-    task = asyncio.create_task(sweep_forever(), name="lost-run-sweep")
-    try:
-        yield
-    finally:
-        task.cancel()
+def _mark_lost(session: Session, run: Run, reason: str, now: datetime, *, extra_where: list[Any]) -> bool:
+    if not _transition(
+        session, run.id, S.lost, allowed_from=CLAIMED, attempt=run.attempt, extra_where=extra_where,
+        values={"status_reason": reason, "finished_at": now}, event={"reason": reason},
+    ):
+        return False
+    kick_scheduler()
+    return True
 
 
 # --------------------------------------------------------------------------- dashboard data
@@ -683,29 +679,14 @@ def event_cursor(session: Session, run_id: int) -> int:
     return session.exec(select(func.max(RunEvent.id)).where(RunEvent.run_id == run_id)).one() or 0
 
 
-def _local_output_dir(run: Run) -> Path | None:
-    """The run's output dir on this machine: the embedded worker's run folder in the data dir.
-    Never the path a worker reported (a remote worker's paths mean nothing here, and serving
-    whatever path a worker names would let it read the app's files)."""
-    output = run_dir(run.id) / "output"
-    return output if output.is_dir() else None
-
-
 def checkpoints_of(session: Session, run: Run) -> list[dict[str, Any]]:
-    """Checkpoints with their step and the latest eval loss at or before it."""
+    """Checkpoints as the worker reported them and as the artifact store holds them, each with
+    the latest eval loss at or before its step."""
     found: dict[int, dict[str, Any]] = {}
     for checkpoint in run.checkpoints:
-        found[int(checkpoint["step"])] = {**checkpoint, "on_disk": False}
-    output = _local_output_dir(run)
-    if output is not None:
-        for child in output.iterdir():
-            match = CHECKPOINT_RE.match(child.name)
-            if match:
-                step = int(match.group(1))
-                found[step] = {
-                    "name": child.name, "step": step,
-                    "complete": (child / "trainer_state.json").is_file(), "on_disk": True,
-                }
+        found[int(checkpoint["step"])] = {**checkpoint, "stored": False}
+    for step, name in stored_checkpoints(session, run.id).items():
+        found[step] = {"name": name, "step": step, "complete": True, "stored": True}
     evals = [(m["step"], m["eval_loss"]) for m in metrics_of(session, run.id) if m["eval_loss"] is not None]
     for step, checkpoint in found.items():
         earlier = [loss for eval_step, loss in evals if eval_step <= step]
@@ -713,36 +694,30 @@ def checkpoints_of(session: Session, run: Run) -> list[dict[str, Any]]:
     return [found[step] for step in sorted(found)]
 
 
-def artifacts_of(run_id: int) -> list[str]:
+def result_files_of(run_id: int) -> list[str]:
     folder = artifacts_dir(run_id)
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.name in ARTIFACT_NAMES)
+    return sorted(p.name for p in folder.iterdir() if p.name in RESULT_FILES)
 
 
-def artifact_path(run_id: int, name: str) -> Path:
+def result_file_path(run_id: int, name: str) -> Path:
     path = artifacts_dir(run_id) / name
-    if name not in ARTIFACT_NAMES or not path.is_file():
-        raise RunNotFound(f"run {run_id} has no artifact {name!r}")
+    if name not in RESULT_FILES or not path.is_file():
+        raise RunNotFound(f"run {run_id} has no result file {name!r}")
     return path
 
 
-def download_files(run: Run, checkpoint: str | None = None) -> list[tuple[Path, str]]:
-    """The files of the adapter (the top level of the output dir) or of one checkpoint."""
-    output = _local_output_dir(run)
-    if output is None:
-        raise RunNotFound(
-            f"the output of run {run.id} is not on this machine (it trained on worker {run.worker_id})"
-        )
-    if checkpoint is None:
-        folder = output
-        if not (folder / "adapter_config.json").is_file():
-            raise RunNotFound(f"run {run.id} has no saved adapter yet")
-    else:
-        if not CHECKPOINT_RE.match(checkpoint) or not (output / checkpoint).is_dir():
-            raise RunNotFound(f"run {run.id} has no {checkpoint!r}")
-        folder = output / checkpoint
-    return [(p, p.name) for p in sorted(folder.iterdir()) if p.is_file()]
+def download_manifest(session: Session, run: Run, checkpoint: str | None = None) -> ArtifactManifest:
+    """The stored files of the final adapter or of one checkpoint."""
+    name = checkpoint or ADAPTER_ARTIFACT
+    if checkpoint is not None and not CHECKPOINT_PATTERN.match(checkpoint):
+        raise RunNotFound(f"run {run.id} has no {checkpoint!r}")
+    try:
+        return artifact_service.get_manifest(session, run.id, name)
+    except artifact_service.ArtifactError:
+        what = f"no stored {checkpoint!r}" if checkpoint else "no saved adapter yet"
+        raise RunNotFound(f"run {run.id} has {what}") from None
 
 
 class _ChunkSink(io.RawIOBase):
@@ -764,11 +739,13 @@ class _ChunkSink(io.RawIOBase):
         yield from chunks
 
 
-def stream_zip(files: list[tuple[Path, str]]) -> Iterator[bytes]:
+def stream_zip(manifest: ArtifactManifest) -> Iterator[bytes]:
+    """The manifest's files, read from the artifact store, as a zip streamed while it is built."""
     sink = _ChunkSink()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        for path, arcname in files:
-            with path.open("rb") as source, archive.open(arcname, "w", force_zip64=True) as target:
+        for entry in manifest.files:
+            with artifact_service.open_blob(entry.sha256) as source, \
+                    archive.open(entry.path, "w", force_zip64=True) as target:
                 while chunk := source.read(1024 * 1024):
                     target.write(chunk)
                     yield from sink.drain()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from app.models.base import utcnow
+from app.models.base import as_utc, utcnow
 from app.models.user import ApiToken, User
 from app.security import (
     hash_api_token,
@@ -71,6 +71,19 @@ def set_password(session: Session, user: User, password: str) -> None:
     session.commit()
 
 
+def change_password(session: Session, user: User, current: str, new: str, new_again: str) -> None:
+    """The account page's change: the current password first. Every session of the user that
+    holds the old password's fingerprint stops working (app.auth checks it)."""
+    if not verify_password(user.password_hash, current):
+        raise UserError("current_password", "That is not your current password.")
+    if new != new_again:
+        raise UserError("new_password_again", "The two new passwords differ.")
+    if new == current:
+        raise UserError("new_password", "Choose a password other than the current one.")
+    check_password(new)
+    set_password(session, user, new)
+
+
 # Verified against when the username is unknown, so both failures take the same time.
 _UNKNOWN_USER_HASH: dict[str, str] = {}
 
@@ -88,12 +101,16 @@ def authenticate(session: Session, username: str, password: str) -> User | None:
     return user
 
 
-def create_token(session: Session, user: User, name: str, kind: str = "api") -> tuple[ApiToken, str]:
-    """A new token for `user`; returns the row and the raw token, which is never stored."""
+def create_token(
+    session: Session, user: User, name: str, kind: str = "api", *, expires_in_days: int | None = None,
+) -> tuple[ApiToken, str]:
+    """A new token for `user`, valid for `expires_in_days` (None: until revoked); returns the row
+    and the raw token, which is never stored."""
     raw = new_api_token()
     token = ApiToken(
         user_id=user.id, kind=kind, name=name.strip(), prefix=token_display_prefix(raw),
         token_hash=hash_api_token(raw),
+        expires_at=utcnow() + timedelta(days=expires_in_days) if expires_in_days else None,
     )
     session.add(token)
     session.commit()
@@ -121,16 +138,20 @@ def revoke_token(session: Session, user: User, token_id: int, kind: str = "api")
     return True
 
 
+def is_expired(token: ApiToken, now: datetime | None = None) -> bool:
+    return token.expires_at is not None and as_utc(token.expires_at) <= (now or utcnow())
+
+
 def find_token(session: Session, raw: str, kind: str = "api") -> ApiToken | None:
-    """The live token whose hash matches `raw` (and records its use)."""
+    """The live (not revoked, not expired) token whose hash matches `raw`; records its use."""
     statement = select(ApiToken).where(
         ApiToken.token_hash == hash_api_token(raw), ApiToken.kind == kind,
         ApiToken.revoked_at.is_(None),
     )
     token = session.exec(statement).first()
-    if token is None:
-        return None
     now = utcnow()
+    if token is None or is_expired(token, now):
+        return None
     last_used = token.last_used_at
     if last_used is not None and last_used.tzinfo is None:  # SQLite returns naive UTC
         last_used = last_used.replace(tzinfo=now.tzinfo)

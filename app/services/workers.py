@@ -5,26 +5,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
-from app.models import Run, RunStatus, Worker, WorkerHeartbeat, WorkerPublic
+from app.models import ModelEntry, Run, RunStatus, Worker, WorkerPublic
 from app.models.base import as_utc, utcnow
+from app.services.broker import kick_scheduler
 from app.settings import get_settings
+from app.wire import Heartbeat, HeartbeatReply, ModelRef
 
 ACTIVE_RUN_STATUSES = (RunStatus.starting, RunStatus.running)
 
 
-def record_heartbeat(session: Session, heartbeat: WorkerHeartbeat) -> bool:
-    """Upsert the worker; returns whether a doctor report was asked for (and clears the ask)."""
+def record_heartbeat(session: Session, heartbeat: Heartbeat) -> HeartbeatReply:
+    """Upsert the worker and its capacity. A heartbeat from a new process of a known worker
+    means the previous one died: what it ran is lost. The reply lists the registered models
+    (the worker says which it holds), whether a doctor report is wanted, and which of the
+    worker's run folders belong to deleted runs."""
+    from app.services import deployments, runs
+
     now = utcnow()
     worker = session.get(Worker, heartbeat.worker_id)
+    appeared = worker is None or not is_online(worker, now)
     if worker is None:
         worker = Worker(id=heartbeat.worker_id, hostname=heartbeat.hostname, started_at=now)
     elif worker.stopped_at is not None and not heartbeat.offline:
         worker.started_at = now  # the same worker name came back after a clean stop
+    restarted = bool(worker.instance_id) and bool(heartbeat.instance_id) and worker.instance_id != heartbeat.instance_id
+    worker.instance_id = heartbeat.instance_id
     worker.hostname = heartbeat.hostname
+    worker.advertise_host = heartbeat.advertise_host
     worker.queues = heartbeat.queues
-    worker.gpus = heartbeat.gpus
+    worker.gpus = [gpu.model_dump() for gpu in heartbeat.gpus]
+    worker.cpu_train_slots = heartbeat.cpu_train_slots
+    worker.serve_slots = heartbeat.serve_slots
+    worker.models = heartbeat.models
     worker.last_seen_at = now
     worker.stopped_at = now if heartbeat.offline else None
     if heartbeat.doctor is not None:
@@ -34,7 +48,18 @@ def record_heartbeat(session: Session, heartbeat: WorkerHeartbeat) -> bool:
         worker.doctor_requested = False
     session.add(worker)
     session.commit()
-    return doctor_requested
+    if restarted:
+        runs.mark_restarted_worker_runs(session, worker.id, heartbeat.instance_id)
+        deployments.fail_restarted_worker_servers(session, worker.id, heartbeat.instance_id)
+    if appeared or restarted or heartbeat.offline:
+        kick_scheduler()
+    known = set(session.exec(select(Run.id).where(col(Run.id).in_(heartbeat.local_runs))).all())
+    return HeartbeatReply(
+        doctor_requested=doctor_requested,
+        models=[ModelRef(path=path, fingerprint=fingerprint) for path, fingerprint in
+                session.exec(select(ModelEntry.path, ModelEntry.fingerprint)).all() if fingerprint],
+        forget_runs=sorted(set(heartbeat.local_runs) - known),
+    )
 
 
 def is_online(worker: Worker, now: datetime | None = None) -> bool:
@@ -74,6 +99,8 @@ class WorkerView:
     online: bool
     gpus: list[GpuView]
     runs: list[Run]
+    # Names of the registered models this worker holds (same folder, same fingerprint).
+    models: list[str]
 
     @property
     def warnings(self) -> list[dict]:
@@ -92,6 +119,7 @@ def worker_views(session: Session) -> list[WorkerView]:
     """Online workers first, then the offline ones (greyed, with when they were last seen)."""
     now = utcnow()
     active_runs = session.exec(select(Run).where(Run.status.in_(ACTIVE_RUN_STATUSES))).all()
+    registered = {(m.path, m.fingerprint): m.name for m in session.exec(select(ModelEntry))}
     views = []
     for worker in session.exec(select(Worker)).all():
         runs = [run for run in active_runs if run.worker_id == worker.id]
@@ -99,7 +127,9 @@ def worker_views(session: Session) -> list[WorkerView]:
             GpuView(**gpu, held_by=next((r for r in runs if gpu["index"] in r.gpu_ids), None))
             for gpu in worker.gpus
         ]
-        views.append(WorkerView(worker, is_online(worker, now), gpus, runs))
+        models = sorted(name for (path, fingerprint), name in registered.items()
+                        if worker.models.get(path) == fingerprint)
+        views.append(WorkerView(worker, is_online(worker, now), gpus, runs, models))
     views.sort(key=lambda v: (not v.online, -(as_utc(v.worker.last_seen_at) or now).timestamp()))
     return views
 
@@ -119,17 +149,3 @@ def gpu_capacity_problem(session: Session, gpus: int) -> str | None:
     if largest == 0:
         return f"asks for {gpus} GPU(s) but no online worker has a GPU (start one with `tuneboard worker --gpus …`)"
     return f"asks for {gpus} GPU(s) but the largest online worker has {largest}"
-
-
-def bf16_problem(session: Session, gpus: int) -> str | None:
-    """Why bf16 cannot be honoured for a job asking for `gpus` GPUs, or None."""
-    if gpus <= 0:
-        return "bf16 needs a GPU: on a CPU-only worker the run trains in fp32"
-    capable = [
-        w for w in online_workers(session)
-        if len(w.gpus) >= gpus
-        and w.doctor.get("facts", {}).get("training_env", {}).get("torch", {}).get("bf16_supported")
-    ]
-    if capable:
-        return None
-    return "no online worker with enough GPUs reports bf16 support: use fp16 instead"

@@ -1,0 +1,368 @@
+"""The wire contract between the panel and its workers, imported by both sides.
+
+Workers never open the database: they take tasks from the broker and talk to the panel over
+`/internal/v1` with the shared worker token. Everything that crosses that line is named here:
+task and queue names, the Pydantic payload of every message, artifact names and the checkpoint
+pattern, and the metric and progress fields. Nothing here imports the app or the workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from sqlmodel import SQLModel
+
+# --------------------------------------------------------------------------- tasks and queues
+PING_TASK = "tuneboard.ping"
+TRAIN_TASK = "tuneboard.train"
+SERVE_START_TASK = "tuneboard.serve_start"
+SERVE_STOP_TASK = "tuneboard.serve_stop"
+LOAD_ADAPTER_TASK = "tuneboard.serve_load_adapter"
+UNLOAD_ADAPTER_TASK = "tuneboard.serve_unload_adapter"
+
+# Every worker consumes the default queue (pings) and a queue of its own: the panel schedules,
+# so a task goes to the one worker that has room for it now.
+DEFAULT_QUEUE = "default"
+
+
+def worker_queue(worker_id: str) -> str:
+    return f"worker.{worker_id}"
+
+
+# How often a worker reports while a run's process lives (the per-run heartbeat).
+RUN_HEARTBEAT_INTERVAL_S = 2.0
+
+# --------------------------------------------------------------------------- artifacts
+# The run folder's placeholders in a run's YAML, replaced by each worker with its own paths.
+OUTPUT_DIR_PLACEHOLDER = "{OUTPUT_DIR}"
+DATASET_DIR_PLACEHOLDER = "{DATASET_DIR}"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# The final adapter (the top level of the output folder) travels under this artifact name.
+ADAPTER_ARTIFACT = "adapter"
+# Small result files a worker uploads at the end of an attempt, shown on the run page.
+RESULT_FILES = (
+    "training_loss.png", "training_eval_loss.png", "all_results.json", "train_results.json",
+    "eval_results.json", "trainer_log.jsonl",
+)
+# LLaMA-Factory writes this last into a checkpoint folder: its presence means "complete".
+CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+def checkpoint_step(name: str) -> int | None:
+    match = CHECKPOINT_PATTERN.match(name)
+    return int(match[1]) if match else None
+
+
+class FileEntry(BaseModel):
+    """One file of an artifact folder; its bytes are the blob `sha256` in the artifact store."""
+
+    path: str = Field(max_length=500)  # relative, '/'-separated, no '..'
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    size: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _stays_inside_the_folder(cls, path: str) -> str:
+        # Both sides write these paths to disk: a manifest must not reach outside its folder.
+        parts = path.split("/")
+        if "\\" in path or "\0" in path or any(part in ("", ".", "..") for part in parts):
+            raise ValueError("must be a relative '/'-separated path without empty, '.' or '..' parts")
+        return path
+
+
+class ArtifactManifest(BaseModel):
+    """A folder in the artifact store: a checkpoint-N or the final adapter."""
+
+    name: str = Field(max_length=200)  # "checkpoint-N" or ADAPTER_ARTIFACT
+    step: int | None = None
+    files: list[FileEntry]
+
+    @property
+    def digest(self) -> str:
+        """Content address of the whole folder (the serving worker's cache key)."""
+        listing = sorted((f.path, f.sha256) for f in self.files)
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class UploadState(BaseModel):
+    """Where the resumable upload of one blob stands: the bytes the panel holds (all of them,
+    `complete`, once the blob is in the store). A 409 of the upload carries it too."""
+
+    offset: int
+    complete: bool
+
+
+class ArtifactRecord(BaseModel):
+    """What a worker posts once every blob of a folder is in the store."""
+
+    attempt: int
+    worker_id: str
+    manifest: ArtifactManifest
+
+
+# --------------------------------------------------------------------------- workers
+class GpuInfo(BaseModel):
+    index: int
+    name: str = ""
+    memory_total_mib: float = 0.0
+    memory_used_mib: float = 0.0
+    utilization: float = 0.0
+
+
+class RunRef(BaseModel):
+    run_id: int
+    attempt: int
+
+
+class Heartbeat(BaseModel):
+    """A worker's heartbeat: who it is, where it can be reached, and what it has room for."""
+
+    worker_id: str
+    # New each time the worker process starts: a heartbeat from a new instance tells the panel
+    # that the runs and servers of the previous one died with it.
+    instance_id: str = ""
+    hostname: str
+    # The address the panel's gateway reaches this worker's inference servers at.
+    advertise_host: str = "127.0.0.1"
+    queues: list[str] = Field(default_factory=list)
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    cpu_train_slots: int = 0
+    serve_slots: int = 0
+    # Registered model folders this worker holds: path → fingerprint (see model_fingerprint).
+    models: dict[str, str] = Field(default_factory=dict)
+    # Runs whose folder this worker keeps (the panel answers which of them to forget).
+    local_runs: list[int] = Field(default_factory=list)
+    doctor: dict[str, Any] | None = None
+    offline: bool = False
+
+
+class ModelRef(BaseModel):
+    path: str
+    fingerprint: str
+
+
+class HeartbeatReply(BaseModel):
+    doctor_requested: bool = False
+    # The registered models, so that the worker can say which of them it holds.
+    models: list[ModelRef] = Field(default_factory=list)
+    # Run folders the worker may delete: those runs were deleted on the panel.
+    forget_runs: list[int] = Field(default_factory=list)
+
+
+MODEL_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+MODEL_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def model_fingerprint(folder: Path) -> str | None:
+    """A model folder's identity, read the same way by the panel and by every worker: its
+    config.json and its weight index (the index file of a sharded checkpoint, else the names and
+    sizes of its weight files). None when the folder holds no readable model."""
+    try:
+        config = (folder / "config.json").read_bytes()
+        index = next((p.read_bytes() for name in MODEL_INDEX_FILES if (p := folder / name).is_file()), None)
+        if index is None:
+            weights = sorted(
+                (p.name, p.stat().st_size) for p in folder.iterdir()
+                if p.is_file() and p.name.endswith(MODEL_WEIGHT_SUFFIXES)
+            )
+            index = json.dumps(weights).encode()
+    except OSError:
+        return None
+    return hashlib.sha256(config + b"\0" + index).hexdigest()
+
+
+# --------------------------------------------------------------------------- training
+class TrainTask(BaseModel):
+    """The train task's one argument: which attempt, under which dispatch, on which GPUs."""
+
+    run_id: int
+    attempt: int
+    dispatch_id: str
+    gpu_ids: list[int] = Field(default_factory=list)
+
+
+class ClaimRequest(BaseModel):
+    attempt: int
+    dispatch_id: str
+    worker_id: str
+    instance_id: str = ""
+    task_id: str = ""
+    hostname: str = ""
+
+
+class DatasetFile(BaseModel):
+    name: str
+    file_name: str
+    sha256: str
+    url: str  # under /internal/v1
+
+
+class RunSpec(BaseModel):
+    """The claim's reply: everything a worker needs to train the attempt."""
+
+    run_id: int
+    attempt: int
+    train_yaml: str
+    dataset_info: dict[str, Any]
+    datasets: list[DatasetFile]
+    gpu_ids: list[int] = Field(default_factory=list)
+    gpus: int = 0
+    resume_from_checkpoint: str | None = None
+    # The checkpoint to resume from, fetched from the artifact store when not on this disk.
+    resume_manifest: ArtifactManifest | None = None
+    heartbeat_interval_s: float = RUN_HEARTBEAT_INTERVAL_S
+
+
+class ProgressReport(BaseModel):
+    current_steps: int | None = None
+    total_steps: int | None = None
+    percentage: float | None = None
+    epoch: float | None = None
+    elapsed_time: float | None = None
+    remaining_time: float | None = None
+
+
+class MetricPoint(SQLModel):
+    """One logged step as a worker reports it (fields unknown at that step stay None)."""
+
+    step: int
+    epoch: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_s: float | None = None
+    total_tokens: int | None = None
+    grad_norm: float | None = None
+    gpu_util: float | None = None
+    gpu_mem_mib: float | None = None
+    elapsed_s: float | None = None
+
+
+METRIC_FIELDS = tuple(name for name in MetricPoint.model_fields if name != "step")
+LOG_SOURCES = ("running_log", "stdout")
+
+
+class LogReport(BaseModel):
+    source: str = Field(pattern="^(running_log|stdout)$")
+    offset: int
+    line: str
+
+
+class EventsRequest(BaseModel):
+    attempt: int
+    worker_id: str
+    status: Literal["running"] | None = None
+    progress: ProgressReport | None = None
+    metrics: list[MetricPoint] = Field(default_factory=list)
+    logs: list[LogReport] = Field(default_factory=list)
+
+
+class EventsReply(BaseModel):
+    cancel: bool = False
+
+
+class CheckpointReport(BaseModel):
+    name: str
+    step: int
+    complete: bool = True
+
+
+Outcome = Literal["succeeded", "failed", "cancelled"]
+
+
+class FinishRequest(BaseModel):
+    attempt: int
+    worker_id: str
+    outcome: Outcome
+    exit_code: int | None = None
+    reason: str = ""
+    results: dict[str, Any] = Field(default_factory=dict)
+    checkpoints: list[CheckpointReport] = Field(default_factory=list)
+    # Whether the final adapter was saved (and uploaded as ADAPTER_ARTIFACT).
+    has_adapter: bool = False
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- serving
+class ServeStartTask(BaseModel):
+    server_id: int
+    dispatch_id: str
+    gpu_ids: list[int] = Field(default_factory=list)
+
+
+class ServerStopTask(BaseModel):
+    server_id: int
+
+
+class ServerClaim(BaseModel):
+    worker_id: str
+    dispatch_id: str
+    instance_id: str = ""
+
+
+class AdapterSpec(BaseModel):
+    deployment_id: int
+    lora_name: str
+    run_id: int
+    manifest: ArtifactManifest
+
+
+class ServerSpec(BaseModel):
+    """The server claim's reply."""
+
+    server_id: int
+    backend: Literal["vllm", "llamafactory"]
+    base_model_path: str
+    base_name: str
+    template: str | None = None
+    # The bearer secret the server requires (vLLM's --api-key); only the panel's gateway has it.
+    api_key: str
+    max_lora_rank: int
+    max_model_len: int
+    kv_cache_bytes: str
+    cpu_threads: int
+    gpu_memory_utilization: float
+    gpu_ids: list[int] = Field(default_factory=list)
+    ready_timeout_s: float
+    heartbeat_interval_s: float
+    adapters: list[AdapterSpec]
+
+
+class ServerReport(BaseModel):
+    status: Literal["ready", "failed", "stopped"] | None = None
+    url: str | None = None
+    pid: int | None = None
+    adapters: list[str] = Field(default_factory=list)
+    reason: str = ""
+    log_tail: str | None = None
+
+
+class ServerReply(BaseModel):
+    stop: bool = False
+
+
+class AdapterLoadTask(BaseModel):
+    server_id: int
+    adapter: AdapterSpec
+    replace: bool = False
+
+
+class AdapterUnloadTask(BaseModel):
+    server_id: int
+    deployment_id: int
+    lora_name: str
+
+
+class AdapterReport(BaseModel):
+    status: Literal["ready", "failed"]
+    reason: str = ""

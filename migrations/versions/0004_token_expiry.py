@@ -1,0 +1,27 @@
+"""token expiry: a personal API token or gateway key may expire
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-01 12:00:00.000000
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+
+revision: str = '0004'
+down_revision: str | None = '0003'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('apitoken', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('expires_at', sa.DateTime(timezone=True), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('apitoken', schema=None) as batch_op:
+        batch_op.drop_column('expires_at')
