@@ -85,6 +85,15 @@ class Settings(BaseSettings):
     # Grace between SIGABRT (LLaMA-Factory saves and stops) and SIGTERM/SIGKILL.
     cancel_grace_s: float = 60.0
 
+    # The automatic micro-batch (app/services/batching.py): the share of a GPU's memory a chosen
+    # micro-batch leaves free, the timed steps per probed size, how long a probe may take, and
+    # (tests only) probing CPU runs too, under a memory limit in MiB instead of the machine's RAM.
+    probe_margin: float = Field(default=0.10, ge=0, lt=1)
+    probe_timed_steps: int = Field(default=2, ge=1)
+    probe_timeout_s: float = 300.0
+    probe_cpu: bool = False
+    probe_cpu_memory_mib: float | None = None
+
     # Where checkpoints and adapters are kept: "" = <data dir>/artifacts/blobs; or an S3-compatible
     # bucket, s3://bucket/prefix?endpoint_url=http://host:9000&region=us-east-1 (credentials from
     # the AWS_* variables boto3 reads). Workers always go through the panel.

@@ -207,6 +207,71 @@ class DatasetFile(BaseModel):
     url: str  # under /internal/v1
 
 
+# --------------------------------------------------------------------------- the micro-batch probe
+# A GPU run with the automatic micro-batch (app/services/batching.py): the claim's RunSpec carries the
+# split to train with (`batch`, from the panel's probe cache or an earlier attempt), or asks the worker
+# to probe first (`probe`); the worker posts the probe's measurements (ProbeReport) and gets the split.
+class ProbeRequest(BaseModel):
+    step: int = Field(ge=1)  # sequences per optimizer step on one GPU (batch × accumulation)
+    margin: float = Field(ge=0, lt=1)  # share of the device's memory left free
+    timed_steps: int = Field(default=2, ge=1)
+    warmup_steps: int = Field(default=1, ge=0)
+    device: Literal["auto", "cpu"] = "auto"
+    memory_limit_mib: float | None = None  # instead of the device's own memory (tests)
+
+
+class BatchChoice(BaseModel):
+    per_device_train_batch_size: int = Field(ge=1)
+    gradient_accumulation_steps: int = Field(ge=1)
+    source: Literal["probe", "cache", "earlier attempt", "fallback", "config"]
+    reason: str = ""
+    # Smaller micro-batches that fit, largest first: an out-of-memory error falls back to the first.
+    fallbacks: list[int] = Field(default_factory=list)
+
+
+class ProbeMeasurement(BaseModel):
+    micro: int = Field(ge=1)
+    ok: bool
+    peak_reserved_mib: float | None = None
+    peak_allocated_mib: float | None = None
+    fb_s: float | None = None  # forward + backward of one micro-batch
+    opt_s: float | None = None  # clip + optimizer step + zero_grad
+    steps: int | None = None
+    error: str | None = Field(default=None, max_length=2000)
+
+
+class ProbeReport(BaseModel):
+    """What workers/envscripts/batch_probe.py measured (ok false: it failed, `error` says why)."""
+
+    attempt: int
+    worker_id: str
+    ok: bool
+    device: str = Field(default="", max_length=200)
+    total_mib: float = 0.0
+    overhead_mib: float = 0.0
+    base_mib: float = 0.0
+    seq_len: int = 0
+    step: int = 0
+    measurements: list[ProbeMeasurement] = Field(default_factory=list, max_length=64)
+    load_s: float = 0.0
+    probe_s: float = 0.0
+    versions: dict[str, str] = Field(default_factory=dict)
+    error: str | None = Field(default=None, max_length=4000)
+
+
+class BatchFallback(BaseModel):
+    """The trainer ran out of memory in its first steps: the worker trains again at a smaller
+    micro-batch (same sequences per step) and says so."""
+
+    attempt: int
+    worker_id: str
+    failed_micro: int = Field(ge=1)
+    per_device_train_batch_size: int = Field(ge=1)
+    gradient_accumulation_steps: int = Field(ge=1)
+    logged_steps: int = 0
+    reason: str = Field(default="", max_length=4000)
+
+
 class RunSpec(BaseModel):
     """The claim's reply: everything a worker needs to train the attempt."""
 
@@ -221,6 +286,9 @@ class RunSpec(BaseModel):
     # The checkpoint to resume from, fetched from the artifact store when not on this disk.
     resume_manifest: ArtifactManifest | None = None
     heartbeat_interval_s: float = RUN_HEARTBEAT_INTERVAL_S
+    # The automatic micro-batch: the split to train with, or a probe to run first (see above).
+    batch: BatchChoice | None = None
+    probe: ProbeRequest | None = None
 
 
 class ProgressReport(BaseModel):
@@ -291,6 +359,8 @@ class FinishRequest(BaseModel):
     # Whether the final adapter was saved (and uploaded as ADAPTER_ARTIFACT).
     has_adapter: bool = False
     versions: dict[str, str] = Field(default_factory=dict)
+    # The trainer's peak GPU memory (RECORD_VRAM lines of trainer_log.jsonl): reserved_mib, allocated_mib.
+    peak_memory: dict[str, float] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- serving

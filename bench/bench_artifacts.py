@@ -49,6 +49,10 @@ async def baseline_app(scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 201, "headers": [(b"content-length", b"0")]})
         await send({"type": "http.response.body", "body": b""})
         return
+    if not os.path.exists(path):  # the readiness probe, before the first PUT
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+        return
     size = os.path.getsize(path)
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-length", str(size).encode()), (b"content-type", b"application/octet-stream")]})
@@ -105,6 +109,7 @@ def main() -> int:
     with source.open("wb") as out:
         for _ in range(args.size_mb):
             out.write(os.urandom(1_000_000))
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 500}')  # "complete"
     megabytes = source.stat().st_size / 1e6
     seconds: dict[str, list[float]] = {"upload": [], "put": [], "fetch": [], "get": [], "sha256": []}
     baseline, baseline_url = start_baseline(work)

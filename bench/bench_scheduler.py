@@ -98,7 +98,9 @@ def claim_latency(worker_counts: list[int], submissions: int) -> None:
                 for index in range(count):
                     panel.start_worker(f"w{index}")
                 deadline = time.monotonic() + TIMEOUT_S
-                while sum(w["online"] and bool(w["models"]) for w in panel.api.get("/api/v1/workers").json()) < count:
+                # Online, holding the model, and past their start-up doctor run (it loads both envs).
+                while sum(w["online"] and bool(w["models"]) and bool(w["doctor"])
+                          for w in panel.api.get("/api/v1/workers").json()) < count:
                     assert time.monotonic() < deadline, panel.log("w0")
                     time.sleep(0.2)
                 latencies = []

@@ -18,6 +18,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 BENCHMARKS = {
     "ingest": "bench_ingest.py",
     "upload": "bench_upload.py",
+    "artifacts": "bench_artifacts.py",
     "run_overhead": "bench_run_overhead.py",
     "sse_latency": "bench_sse_latency.py",
     "sse_fanout": "bench_sse_fanout.py",

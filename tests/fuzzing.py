@@ -326,10 +326,10 @@ def _send(api: httpx.Client, case: HostileInput) -> httpx.Response:
 
 def _stored(panel: LivePanel) -> tuple:
     """What a refused input must not change: the rows the API lists and the dataset folders."""
-    folder = panel.data_dir / "datasets"
+    folder = panel.data_dir / "datasets"  # <id>/ of each dataset, and .incoming/ (uploads on their way)
+    files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*")) if folder.exists() else []
     return (panel.api.get("/api/v1/datasets").json(), panel.api.get("/api/v1/configs").json(),
-            sorted(p.name for p in folder.iterdir()) if folder.exists() else [],
-            sorted(p.name for p in (folder / ".incoming").iterdir()) if (folder / ".incoming").exists() else [])
+            [name for name in files if name != ".incoming"])
 
 
 def _problem(case: HostileInput, response: httpx.Response) -> str | None:

@@ -486,6 +486,19 @@ def test_retention_keeps_the_newest_checkpoints_the_best_one_and_the_adapter(
     assert service.blob_size(sha256_of(shared)) == 64
 
 
+def test_retention_keeps_a_checkpoint_a_live_deployment_serves(panel: LivePanel, db: Session, http: httpx.Client) -> None:
+    from app.models import Deployment
+
+    run = make_run(db)
+    record(db, http, run, "checkpoint-1", {"trainer_state.json": os.urandom(32)})
+    db.add(Deployment(name="served", run_id=run.id, checkpoint="checkpoint-1", status="ready"))
+    db.commit()
+    for step in (2, 3, 4, 5):
+        record(db, http, run, f"checkpoint-{step}", {"trainer_state.json": os.urandom(32)})
+    names = [a.name for a in service.list_artifacts(db, run.id)]
+    assert names == ["checkpoint-1", "checkpoint-3", "checkpoint-4", "checkpoint-5"]
+
+
 def test_deleting_a_runs_artifacts_collects_its_blobs_but_not_shared_ones(
     panel: LivePanel, db: Session, http: httpx.Client, no_grace: None,
 ) -> None:

@@ -1,13 +1,17 @@
 """The whole loop in a real browser: Debian's Chromium driven by Playwright against
 `tuneboard up --demo`, started as a user starts it (a subprocess in a fresh working dir).
 
-set up the admin → log out / log in → upload an Alpaca file with the file picker (progress bar)
-→ preview and token histogram → a config from the form (an inline error first) → start a run
-→ the loss chart gains points without a reload → succeeded → run again, cancel it from the
-dashboard, resume it → deploy the first run's adapter on vLLM → a streamed reply in the
-playground → undeploy. On the way: a screenshot of each page into docs/screenshots/, times in
-the browser's locale, empty states, links between a run, its config, datasets and deployments,
-and the run dashboard at phone width without horizontal overflow.
+set up the admin → log out / log in → upload an Alpaca file by keyboard alone (skip link, the
+drop zone and the file picker with Enter and Space; a progress bar) → preview and token histogram
+→ a config from the form (Enter in a field saves nothing, no dataset needs an explicit warning,
+an inline error first) → start a run → the loss and tokens/s charts gain points without a reload,
+the checkpoint table and the worker fill in live → succeeded → run again, cancel it from the
+dashboard, resume it: elapsed and remaining time carry across the attempts and the result plots
+are the resumed attempt's → deploy the first run's adapter on vLLM → a streamed reply in the
+playground (time to first token, tokens/s), still there after a reload → undeploy. On the way: a
+screenshot of each page into docs/screenshots/, times in the browser's locale, empty states,
+links between a run, its config, datasets and deployments, the run dashboard at phone width
+without horizontal overflow, and no request that answers 404 (the favicon).
 
 The machine may be shared and slow: waits are generous `expect` timeouts, never sleeps.
 """
@@ -30,6 +34,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+from app.templating import duration
 from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, PROJECT_ROOT
 from tests.live import CHROMIUM, CHROMIUM_ARGS, free_port
 
@@ -71,8 +76,18 @@ RECORD_CHARTS = """
   });
 })();
 """
-# Points of the first chart (the loss chart on a run's dashboard): non-null train losses.
-LOSS_POINTS = "() => (window.__charts?.[0]?.data?.[1] || []).filter((v) => v !== null).length"
+# The dashboard's charts are made again when their options change: the live one is the newest
+# chart inside the element. Points: its first series' non-null values (train loss, tokens/s).
+def live_chart(element_id: str) -> str:
+    return f"(window.__charts || []).filter((c) => c.root.isConnected && c.root.closest('#{element_id}')).at(-1)"
+
+
+def chart_points(element_id: str) -> str:
+    return f"() => (({live_chart(element_id)})?.data?.[1] || []).filter((v) => v !== null).length"
+
+
+LOSS_POINTS = chart_points("chart-loss")
+TOKENS_POINTS = chart_points("chart-tps")
 
 
 @dataclass
@@ -146,6 +161,10 @@ def browser_page() -> Iterator[Page]:
 def test_whole_loop_in_a_browser(panel: Panel, browser_page: Page, tmp_path: Path) -> None:
     page, url = browser_page, panel.url
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    not_found: list[str] = []
+    page.context.on("response", lambda response: response.status == 404 and not_found.append(response.url))
+    script_errors: list[str] = []
+    page.context.on("weberror", lambda error: script_errors.append(str(error.error)))
 
     set_up_and_log_in(page, url)
     check_empty_states(page, url)
@@ -163,6 +182,8 @@ def test_whole_loop_in_a_browser(panel: Panel, browser_page: Page, tmp_path: Pat
     chat_in_playground(page)
     undeploy(page, url, deployment_id)
     screenshot_workers(page, url)
+    assert not_found == [], not_found  # every page's favicon and assets are there
+    assert script_errors == [], script_errors
 
 
 # --------------------------------------------------------------------------- steps
@@ -232,8 +253,23 @@ def upload_dataset(page: Page, url: str, tmp_path: Path) -> int:
         sessionStorage.setItem("upload-seen", JSON.stringify(seen));
       }).observe(document.getElementById("upload"), { attributes: true, subtree: true });
     }""")
-    page.set_input_files("#upload-file", str(upload))
+    # By keyboard alone: the skip link is the first Tab stop and lands on the drop zone, where Enter
+    # opens the file picker; Tab on to "Choose a file…", where Space opens it too.
+    page.keyboard.press("Tab")
+    expect(page.locator(".skip-link")).to_be_focused()
+    expect(page.locator(".skip-link")).to_have_text("Skip to the dataset upload")
+    page.keyboard.press("Enter")
+    expect(page.locator("#dropzone")).to_be_focused()
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(upload))
     expect(page.locator("#upload-name")).to_have_value("numbers_alpaca")
+    expect(page.locator("#upload-chosen")).to_contain_text(re.compile(r"numbers_alpaca\.json — [\d.]+ KiB"))
+    page.keyboard.press("Tab")
+    expect(page.locator("#upload-choose")).to_be_focused()
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(str(upload))
     expect(page.locator("#upload-button")).to_be_enabled()
     page.click("#upload-button")
     expect(page).to_have_url(re.compile(r"/datasets/\d+$"))
@@ -263,33 +299,59 @@ def check_dataset_detail(page: Page) -> None:
 
 
 def create_config(page: Page, url: str, dataset_id: int) -> int:
-    """The form: a bad learning rate is refused next to its field, then a CPU-sized config."""
+    """The form: Enter in a field saves nothing, a config without a dataset is not saved without an
+    explicit confirmation, a bad learning rate is refused next to its field; then a CPU-sized
+    config. The defaults already fit the CPU-only worker (no bf16, few processes)."""
     page.goto(url + "/configs/new")
+    expect(page.locator("#worker-defaults")).to_contain_text("no GPU")
+    expect(page.locator("#bf16")).not_to_be_checked()
+    expect(page.locator("#preprocessing_num_workers")).to_have_value(str(max(1, min(16, os.cpu_count() // 2))))
+    expect(page.locator("#dataloader_num_workers")).to_have_value("0")
+    expect(page.locator("#section-train legend")).to_have_text("Training")  # words, not "### train"
+    configs_before = len(page.request.get(url + "/api/v1/configs").json())
+
+    page.evaluate("() => { window.__sameDocument = true; }")
     page.fill("#name", "numbers-lora")
+    page.press("#name", "Enter")  # would submit the form: it must not
+    page.fill("#per_device_train_batch_size", "7")
+    page.press("#per_device_train_batch_size", "Enter")
+    page.press("#per_device_train_batch_size", "Tab")
+    # The live estimates answer the change (7 × accumulation 8) on this same document: Enter
+    # submitted nothing.
+    expect(page.locator("#estimates")).to_contain_text(re.compile(r"Effective batch\s*56\b"))
+    assert page.evaluate("() => window.__sameDocument") is True, "Enter submitted the form"
+    assert len(page.request.get(url + "/api/v1/configs").json()) == configs_before
+
     demo_model = page.locator("#model_id option", has_text="demo-qwen2-tiny").get_attribute("value")
     page.select_option("#model_id", value=demo_model)
-    page.check(f"#dataset-{dataset_id}")
     values = {
-        "gpus": "0", "template": "qwen", "cutoff_len": "64", "max_samples": "", "preprocessing_num_workers": "1",
-        "dataloader_num_workers": "0", "logging_steps": "1", "save_steps": str(SAVE_STEPS),
+        "gpus": "0", "template": "qwen", "cutoff_len": "64", "max_samples": "", "logging_steps": "1",
+        "save_steps": str(SAVE_STEPS),
         "per_device_train_batch_size": "8", "gradient_accumulation_steps": "1", "learning_rate": "-1",
-        "num_train_epochs": "2", "val_size": "0.1", "per_device_eval_batch_size": "8", "eval_steps": "10",
+        "num_train_epochs": "2", "val_size": "0.1", "eval_steps": "10",
     }
     for field, value in values.items():
         page.fill(f"#{field}", value)
-    page.uncheck("#bf16")
-    advanced = page.input_value("#advanced")  # the form's defaults keep some keys here (do_train)
-    page.fill("#advanced", advanced.rstrip() + "\ninclude_num_input_tokens_seen: true")  # the tokens/s chart
+    page.click("#section-eval details.more-settings summary")  # the folded settings open on a click
+    page.fill("#per_device_eval_batch_size", "8")
     # The live estimates follow the form (batch 8 × accumulation 1).
     expect(page.locator("#estimates")).to_contain_text(re.compile(r"Effective batch\s*8\b"))
+    expect(page.locator("#learning_rate")).to_have_attribute("aria-invalid", "true")  # marked as it changes
     shoot(page, "config-form")
-    page.click("#save-config")
+
+    page.click("#save-config")  # no dataset chosen yet
+    expect(page.locator("#no-dataset-warning")).to_contain_text("No dataset is chosen")
     expect(page.locator("#error-learning_rate")).to_be_visible()  # inline, next to the field
     expect(page.locator("#form-errors")).to_contain_text("Nothing was saved")
+    expect(page.locator("#learning_rate")).to_be_focused()  # the first refused field
+    expect(page.locator("#name")).to_have_value("numbers-lora")  # nothing typed was lost
+    assert len(page.request.get(url + "/api/v1/configs").json()) == configs_before
+    page.check(f"#dataset-{dataset_id}")
     page.fill("#learning_rate", "5e-3")
     page.click("#save-config")
     expect(page).to_have_url(re.compile(r"/configs/\d+$"))
     expect(page.locator("#config-yaml")).to_contain_text("learning_rate: 0.005")
+    expect(page.locator("#config-yaml")).to_contain_text("include_num_input_tokens_seen: non_padding")
     return int(page.url.rsplit("/", 1)[1])
 
 
@@ -301,16 +363,22 @@ def start_run(page: Page) -> int:
 
 
 def watch_run_live(page: Page) -> None:
-    """The loss chart gains points from the event stream while the page stays loaded."""
+    """The loss and tokens/s charts gain points from the event stream while the page stays loaded
+    (the config's default counts tokens); the worker the run landed on and the checkpoint table
+    fill in from the same stream."""
     page.evaluate("() => { window.__noReload = true; }")
     page.wait_for_function(f"({LOSS_POINTS})() >= 3", timeout=TRAIN_TIMEOUT_MS)
     first = page.evaluate(LOSS_POINTS)
     page.wait_for_function(f"({LOSS_POINTS})() > {first}", timeout=TRAIN_TIMEOUT_MS)
-    assert page.evaluate("() => window.__noReload") is True, "the page reloaded"
+    expect(page.locator("#run-worker")).to_contain_text(" on ")
     expect(page.locator("#run-steps")).not_to_have_text(re.compile(r"^0/"))
     width = page.evaluate("() => parseFloat(document.getElementById('run-progress-bar').style.width)")
     assert width > 0
+    page.wait_for_function(f"({TOKENS_POINTS})() >= 1", timeout=TRAIN_TIMEOUT_MS)  # real tokens, by default
+    expect(page.locator("#chart-tps-note")).to_be_hidden()
+    expect(page.locator("#run-checkpoints")).to_contain_text(f"checkpoint-{SAVE_STEPS}", timeout=TRAIN_TIMEOUT_MS)
     page.wait_for_function(f"({LOSS_POINTS})() >= 12", timeout=TRAIN_TIMEOUT_MS)  # a curve worth showing
+    assert page.evaluate("() => window.__noReload") is True, "the page reloaded"
     shoot(page, "run-dashboard")
 
 
@@ -336,27 +404,74 @@ def check_run_links(page: Page, config_id: int, dataset_id: int) -> None:
     check_times_localised(page)
     chart_points = page.evaluate(LOSS_POINTS)
     assert chart_points >= 10, chart_points
+    # Each log line once (from the process's output; LLaMA-Factory's running_log.txt repeats it),
+    # and the download has all of them.
+    base, run_id = page.url.rsplit("/runs/", 1)
+    logs = page.request.get(f"{base}/api/v1/runs/{run_id}/logs?limit=10000").json()
+    assert logs and {line["source"] for line in logs} == {"stdout"}
+    download = page.request.get(base + page.locator("#run-log-download").get_attribute("href"))
+    assert download.text().splitlines() == [line["line"] for line in logs]
 
 
 def cancel_and_resume_second_run(page: Page, first_run_id: int) -> None:
-    """Run the same config again, cancel it from its dashboard after a checkpoint, resume it."""
+    """Run the same config again, cancel it from its dashboard after a checkpoint, resume it. The
+    elapsed and remaining time carry across the attempts (LLaMA-Factory's clock starts again at
+    0 on a resume), and the loss plot shown at the end is the resumed attempt's, not the
+    cancelled one's from the browser's cache."""
     page.click("#run-header button:has-text('Run again')")
     expect(page).not_to_have_url(re.compile(rf"/runs/{first_run_id}$"))
     expect(page).to_have_url(re.compile(r"/runs/\d+$"))
+    base, run_id = page.url.rsplit("/runs/", 1)
     # Once step SAVE_STEPS + 2 is on the chart, checkpoint-SAVE_STEPS is complete.
     page.wait_for_function(f"({LOSS_POINTS})() >= {SAVE_STEPS + 2}", timeout=TRAIN_TIMEOUT_MS)
     cancel = page.locator("#run-header button:has-text('Cancel')")
     cancel.click()
     expect_status(page, "cancelled", TRAIN_TIMEOUT_MS)
+    plot = page.locator("#run-artifacts img[alt='training_loss.png']")  # saved by the cancelled attempt
+    expect(plot).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    cancelled_plot = plot.get_attribute("src")
     resume = page.locator("#run-header button:has-text('Resume')")
     expect(resume).to_be_visible()
     resume.click()
     expect(page.locator("#run-header")).to_contain_text("attempt 2", timeout=PAGE_TIMEOUT_MS)
+    resumed_step = int(re.search(r"resumed from checkpoint-(\d+)", page.locator("#run-header").inner_text()).group(1))
+    page.wait_for_function(f"parseInt(document.getElementById('run-steps').textContent) > {resumed_step}",
+                           timeout=TRAIN_TIMEOUT_MS)
+    before = check_time_across_attempts(page, base, run_id, resumed_step)
     expect_status(page, "succeeded", TRAIN_TIMEOUT_MS)
+    finished = page.request.get(f"{base}/api/v1/runs/{run_id}").json()
+    expect(page.locator("#run-elapsed")).to_have_text(duration(before + finished["elapsed_s"]))  # live, no reload
+    expect(page.locator("#run-remaining")).to_have_text("0s")
     # The curve continued on the same chart (the page reloaded on resume): every step once.
     total = int(page.locator("#run-steps").inner_text().split("/")[1])
-    steps = page.evaluate("() => window.__charts[0].data[0]")
+    steps = page.evaluate(f"() => ({live_chart('chart-loss')}).data[0]")
     assert steps == list(range(1, total + 1)), steps
+    # The resumed attempt wrote the plot again: a new URL, and what it shows is what the server has now.
+    expect(plot).not_to_have_attribute("src", cancelled_plot, timeout=PAGE_TIMEOUT_MS)
+    assert plot.evaluate("(img) => img.complete && img.naturalWidth > 0")
+    current = page.evaluate("""async (src) => {
+      const bytes = async (url, options) => new Uint8Array(await (await fetch(url, options)).arrayBuffer());
+      const shown = await bytes(src), served = await bytes(src.split("?")[0].replace("/runs/", "/api/v1/runs/"), { cache: "no-store" });
+      return shown.length === served.length && shown.every((b, i) => b === served[i]);
+    }""", plot.get_attribute("src"))
+    assert current, "the loss plot shown is not the one the run has now"
+
+
+def check_time_across_attempts(page: Page, base: str, run_id: str, resumed_step: int) -> float:
+    """While attempt 2 runs: elapsed = attempt 1's time up to the checkpoint + attempt 2's; remaining
+    = the steps left at attempt 2's own pace. One page load is one consistent snapshot of the shown
+    values and of the run they are computed from; returns attempt 1's time up to the checkpoint."""
+    html = page.request.get(f"{base}/runs/{run_id}").text()
+    run = json.loads(html.split('id="run-data">')[1].split("</script>")[0])["run"]
+    points = page.request.get(f"{base}/api/v1/runs/{run_id}/metrics").json()
+    before = max(p["elapsed_s"] for p in points if p["step"] <= resumed_step and p["elapsed_s"] is not None)
+    shown = {name: re.search(rf'id="run-{name}"[^>]*>([^<]*)<', html).group(1) for name in ("elapsed", "remaining")}
+    assert shown["elapsed"] == duration(before + run["elapsed_s"]), (shown, run, before)
+    if run["status"] == "running" and run["elapsed_s"] > 0:  # whole seconds: 0 says nothing about the pace yet
+        done = run["current_step"] - resumed_step
+        remaining = (run["total_steps"] - run["current_step"]) * run["elapsed_s"] / done
+        assert shown["remaining"] == duration(remaining), (shown, run)
+    return before
 
 
 def screenshot_runs_list(page: Page, url: str) -> None:
@@ -373,6 +488,9 @@ def deploy(page: Page, url: str, run_id: int) -> int:
     page.goto(f"{url}/runs/{run_id}")
     page.click("#run-header a:has-text('Deploy')")
     expect(page.locator("#deploy-run")).to_have_value(str(run_id))  # the run page's run, preselected
+    # The adapter is picked from what the run stored: its final adapter first, then its checkpoints.
+    expect(page.locator("#deploy-checkpoint option").first).to_have_text("final adapter")
+    expect(page.locator("#deploy-checkpoint option", has_text=f"checkpoint-{SAVE_STEPS} (step {SAVE_STEPS})")).to_have_count(1)
     page.fill("#deploy-name", "numbers")
     page.click("#deploy-form button[type=submit]")
     row = page.locator("#deployments-table tr[id^='deployment-']", has_text="numbers")
@@ -384,21 +502,27 @@ def deploy(page: Page, url: str, run_id: int) -> int:
 
 
 def chat_in_playground(page: Page) -> None:
-    """A streamed reply: several chunks arrive, and Send is disabled until the last one."""
+    """A streamed reply, Send disabled until its last token, the time to the first token and the
+    tokens/s (the server's count) shown; a reload keeps the conversation."""
     page.click("#deployments-table a:has-text('Chat')")
     expect(page).to_have_url(re.compile(r"/playground\?model=numbers"))
     page.fill("#pg-max-tokens", "24")
     page.fill("#pg-input", "Spell the number 7 in words.")
     page.click("#pg-send")
     expect(page.locator("#pg-send")).to_be_disabled()
-    expect(page.locator("#pg-stats")).to_contain_text("chunks", timeout=SERVE_TIMEOUT_MS)
+    stats = page.locator("#pg-stats")
+    expect(stats).to_contain_text("tokens/s", timeout=SERVE_TIMEOUT_MS)
     expect(page.locator("#pg-send")).to_be_enabled()
-    chunks = int(page.locator("#pg-stats").inner_text().split()[0])
-    assert chunks > 1, page.locator("#pg-stats").inner_text()
+    found = re.search(r"first token in ([\d.]+) s · ([\d.]+) tokens/s \((\d+) tokens\)", stats.inner_text())
+    assert found and int(found.group(3)) > 1 and float(found.group(2)) > 0, stats.inner_text()
     reply = page.locator("#pg-chat-adapter .pg-msg.assistant").last
-    assert reply.inner_text().strip(), "empty reply"
+    text = reply.inner_text().strip()
+    assert text, "empty reply"
     expect(page.locator("#pg-curl")).to_contain_text("/v1/chat/completions")
     shoot(page, "playground")
+    page.reload()
+    expect(page.locator("#pg-chat-adapter .pg-msg.user")).to_have_text(["Spell the number 7 in words."])
+    expect(page.locator("#pg-chat-adapter .pg-msg.assistant")).to_have_text([text])
 
 
 def undeploy(page: Page, url: str, deployment_id: int) -> None:

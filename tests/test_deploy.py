@@ -339,7 +339,7 @@ def test_the_worker_channel_needs_the_worker_token(client, adapter_run):
 
 def test_deployments_page_deploys_and_undeploys(client, session, adapter_run):
     page = client.get("/deployments")
-    assert page.status_code == 200 and f"#{adapter_run.id} demo" in page.text
+    assert page.status_code == 200 and f"demo — #{adapter_run.id}, succeeded</option>" in page.text
     assert f'value="{adapter_run.id}" selected' in client.get(f"/deployments?run_id={adapter_run.id}").text
     response = client.post("/deployments", data={"run_id": adapter_run.id, "name": "from-page", "backend": "vllm"},
                            headers={"HX-Request": "true"})

@@ -6,6 +6,7 @@ the API tests, one for the browser and the killed-server test) and `llamafactory
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -216,6 +217,17 @@ def test_openai_client_chats_through_the_gateway(panel, live):
     assert chunks[-1].choices == [] or chunks[-1].choices[0].finish_reason is not None
 
 
+def test_openai_client_completes_text_through_the_gateway(panel, live):
+    """/v1/completions (a plain prompt), as the official client's completions.create sends it."""
+    client = panel.openai()
+    completion = client.completions.create(model="tiny-chat", prompt="你是谁？", max_tokens=8, temperature=0)
+    assert completion.model == "tiny-chat" and completion.choices[0].text
+    assert completion.usage.completion_tokens >= 1
+    chunks = list(client.completions.create(model="tiny-chat", prompt="你是谁？", max_tokens=8, temperature=0,
+                                            stream=True))
+    assert len(chunks) >= 3 and "".join(c.choices[0].text for c in chunks if c.choices) == completion.choices[0].text
+
+
 def test_the_exact_request_users_send_works_over_plain_http(panel, live):
     body = {"model": "tiny-chat", "messages": CHINESE_MESSAGES, "temperature": 0.7, "top_p": 0.8,
             "repetition_penalty": 1.05, "max_tokens": 512}
@@ -348,7 +360,10 @@ def test_from_the_browser_deploy_chat_and_a_killed_server(panel, runs):
         expect(page.locator("#pg-chat-base .pg-msg.assistant").first).not_to_have_attribute("aria-busy", "true")
         assert page.locator("#pg-chat-adapter .pg-msg.error").count() == 0
         assert answer.inner_text().strip()
-        assert "chunks in" in page.locator("#pg-stats").inner_text()
+        # Streamed: both panes timed from their first token, with the tokens the server counted.
+        stats = page.locator("#pg-stats").inner_text()
+        assert re.fullmatch(r"first token in [\d.]+ s · [\d.]+ tokens/s \(\d+ tokens\) \| "
+                            r"base model: first token in [\d.]+ s · [\d.]+ tokens/s \(\d+ tokens\)", stats), stats
         assert "browser-chat" in page.locator("#pg-curl").inner_text()
         assert "OpenAI(base_url=" in page.locator("#pg-python").inner_text()
 

@@ -1,6 +1,8 @@
-"""Schemathesis against the live panel's OpenAPI schema, authenticated, bounded for CI (about a
-minute and a half, deterministic seed): zero server errors, zero schema violations. The longer
-run is bench/bench_fuzz.py; what is fuzzed and what is skipped (and why) is in tests/fuzzing.py."""
+"""Fuzzing the live panel, bounded for CI (deterministic seeds). Schemathesis against its OpenAPI
+schema, authenticated (about a minute and a half): zero server errors, zero schema violations. The
+structural families (nesting, escapes, encodings, enormous rows and key counts, YAML features):
+each attack a 4xx naming its row or line, nothing stored, the panel up. The longer run is
+bench/bench_fuzz.py; what is fuzzed and what is skipped (and why) is in tests/fuzzing.py."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import select
 
-from tests.fuzzing import fuzz
+from tests.fuzzing import FAMILIES, fuzz, fuzz_structure
 from tests.live import LivePanel, live_panel  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
@@ -21,6 +23,14 @@ def test_the_api_survives_the_fuzzer_and_answers_as_its_schema_says(live_panel: 
     report = "\n".join(result.outputs)[-12000:]
     assert result.clean, report
     assert result.operations >= 50 and result.test_cases > 100, report
+    assert "Traceback" not in live_panel.log("web", 200_000), live_panel.log("web")
+
+
+@pytest.mark.parametrize("live_panel", [{"worker": False}], indirect=True)
+def test_structural_attacks_get_a_4xx_naming_their_row_or_line(live_panel: LivePanel) -> None:
+    result = fuzz_structure(live_panel, per_family=3, seed=7)
+    assert result.clean, "\n".join(result.failures)
+    assert set(result.by_family) == set(FAMILIES) and sum(result.by_family.values()) == 3 * len(FAMILIES)
     assert "Traceback" not in live_panel.log("web", 200_000), live_panel.log("web")
 
 

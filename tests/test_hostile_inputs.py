@@ -398,6 +398,7 @@ def _admin() -> None:
 
 def test_prod_over_plain_http_says_why_logging_in_does_not_stick(prod, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="app.security"), TestClient(create_app()) as http_client:
+        assert 'id="needs-https"' in http_client.get("/setup").text  # the first admin's form too
         _admin()
         page = http_client.get("/login")
         assert 'id="needs-https"' in page.text and "TUNEBOARD_ALLOW_HTTP=true" in page.text

@@ -1,6 +1,7 @@
 """All table models, imported here so that SQLModel.metadata and Alembic see every table."""
 
 from app.models.artifact import ArtifactFile, RunArtifact, RunArtifactPublic
+from app.models.batch_probe import BatchProbe, BatchProbePublic
 from app.models.config import TrainConfig, TrainConfigPublic
 from app.models.dataset import Dataset, DatasetPublic, DatasetUpdate
 from app.models.deployment import Deployment, DeploymentStatus, InferenceServer
@@ -12,6 +13,8 @@ from app.models.worker import Worker, WorkerPublic
 __all__ = [
     "ApiToken",
     "ArtifactFile",
+    "BatchProbe",
+    "BatchProbePublic",
     "Dataset",
     "DatasetPublic",
     "DatasetUpdate",

@@ -27,6 +27,9 @@ class TrainConfig(TrainConfigBase, table=True):
     params: dict[str, Any] = json_field()
     dataset_ids: list[int] = json_field(list)
     gpus: int = 0
+    # On a GPU, the worker picks per_device_train_batch_size × gradient_accumulation_steps from a probe,
+    # keeping their product (the sequences per optimizer step); off: the params' split as written.
+    auto_batch: bool = True
     frozen: bool = False
     created_at: datetime = created_at_field()
 
@@ -39,5 +42,6 @@ class TrainConfigPublic(TrainConfigBase):
     params: dict[str, Any]
     dataset_ids: list[int]
     gpus: int
+    auto_batch: bool = True
     frozen: bool
     created_at: datetime

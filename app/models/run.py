@@ -89,6 +89,9 @@ class Run(SQLModel, table=True):
     has_adapter: bool = False
     # [{"name": "checkpoint-N", "step": N, "complete": bool}]
     checkpoints: list[dict[str, Any]] = json_field(list)
+    # The automatic micro-batch (app/services/batching.py): the estimate shown before launch, the
+    # split chosen and why (probe, cache, fallback), and what the run measured.
+    batch_plan: dict[str, Any] = json_field()
     created_at: datetime = created_at_field()
     started_at: datetime | None = timestamp_field()
     finished_at: datetime | None = timestamp_field()
@@ -121,6 +124,7 @@ class RunPublic(SQLModel):
     lineage: dict[str, Any]
     has_adapter: bool
     checkpoints: list[dict[str, Any]]
+    batch_plan: dict[str, Any] = {}
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -25,7 +25,9 @@ from app.services import runs as service
 from app.services import scheduler
 from app.services.run_events import hub
 from app.templating import is_htmx, render, templates
-from app.wire import ClaimRequest, EventsReply, EventsRequest, FinishRequest, RunSpec
+from app.models import BatchProbe, BatchProbePublic
+from app.services import batching
+from app.wire import BatchChoice, BatchFallback, ClaimRequest, EventsReply, EventsRequest, FinishRequest, ProbeReport, RunSpec
 
 router = APIRouter(tags=["runs-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["runs"])
@@ -494,6 +496,12 @@ def download_run(run_id: int, session: SessionDep, checkpoint: str | None = None
     return _download(session, run_id, checkpoint)
 
 
+@api_router.get("/batch-probes", response_model=list[BatchProbePublic])
+def list_batch_probes(session: SessionDep) -> list[BatchProbe]:
+    """The micro-batch probe cache: what each probe measured, newest first."""
+    return list(session.exec(select(BatchProbe).order_by(BatchProbe.id.desc())).all())
+
+
 # --------------------------------------------------------------------------- the worker channel
 def _internal(call):
     try:
@@ -515,6 +523,19 @@ def events(run_id: int, payload: EventsRequest, session: SessionDep) -> EventsRe
 @internal_router.post("/runs/{run_id}/finish")
 def finish(run_id: int, payload: FinishRequest, session: SessionDep) -> dict[str, Any]:
     _internal(lambda: service.finish_run(session, run_id, payload))
+    return {}
+
+
+@internal_router.post("/runs/{run_id}/probe")
+def probe_result(run_id: int, payload: ProbeReport, session: SessionDep) -> BatchChoice:
+    """The micro-batch probe's measurements; the answer is the split to train with."""
+    return _internal(lambda: batching.record_probe(session, run_id, payload))
+
+
+@internal_router.post("/runs/{run_id}/batch-fallback")
+def batch_fallback(run_id: int, payload: BatchFallback, session: SessionDep) -> dict[str, Any]:
+    """The trainer ran out of memory in its first steps: it trains again one size smaller."""
+    _internal(lambda: batching.record_fallback(session, run_id, payload))
     return {}
 
 

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 from sqlmodel import Session, col, delete, select
 
 from app.models import ArtifactFile, Run, RunArtifact, RunMetric
+from app.models.deployment import ACTIVE_STATUSES, Deployment
 from app.settings import get_settings
 from app.wire import (
     ADAPTER_ARTIFACT,
@@ -473,6 +474,10 @@ def _retain(session: Session, run_id: int) -> set[str]:
     best = _best_checkpoint(session, checkpoints)
     if best is not None:
         kept.add(best.id)
+    # A checkpoint a live deployment serves stays while it does.
+    deployed = set(session.exec(select(Deployment.checkpoint).where(
+        Deployment.run_id == run_id, col(Deployment.status).in_(ACTIVE_STATUSES))).all())
+    kept.update(a.id for a in checkpoints if a.name in deployed)
     doomed = [a.id for a in checkpoints if a.id not in kept]
     if not doomed:
         return set()
@@ -483,7 +488,8 @@ def _retain(session: Session, run_id: int) -> set[str]:
 
 
 def apply_retention(session: Session, run_id: int) -> None:
-    """Keep the newest TUNEBOARD_KEEP_CHECKPOINTS checkpoints, the best one and the adapter."""
+    """Keep the newest TUNEBOARD_KEEP_CHECKPOINTS checkpoints, the best one, those a live
+    deployment serves and the adapter."""
     collect_garbage(session, _retain(session, run_id))
 
 

@@ -25,6 +25,7 @@ from sqlmodel import Field, Session, SQLModel, select
 from app.db import get_engine
 from app.models import Dataset, ModelEntry, Run, TrainConfig
 from app.security import PANEL_OWNED_KEYS, PathNotAllowed, confine
+from app.services import batching
 from app.services import llamafactory_params as catalogue
 from app.services.datasets import dataset_info_for, templates_or_empty
 from app.services.model_registry import ModelError, add_model, model_roots, template_warning
@@ -75,6 +76,12 @@ class TrainConfigInput(SQLModel):
     gpus: int = 0
     # Omitted: the well-known LoRA SFT starting config (what the form starts from).
     params: dict[str, Any] = Field(default_factory=catalogue.default_params)
+    # The automatic micro-batch (app/services/batching.py): on a GPU the worker picks batch ×
+    # accumulation, keeping their product. `step_size` (sequences per optimizer step, all GPUs),
+    # when given, sets that product; `previous_step_size` (the form's) prompts a learning-rate hint.
+    auto_batch: bool = True
+    step_size: int | None = None
+    previous_step_size: int | None = None
 
 
 @dataclass
@@ -149,12 +156,10 @@ def _argument_names(result: CheckResult) -> frozenset[str] | None:
 
 
 def _nests_deeper_than(value: Any, levels: int) -> bool:
-    if isinstance(value, (list, dict)):
-        if levels == 0:
-            return True
-        return any(_nests_deeper_than(item, levels - 1) for item in (value.values() if isinstance(value, dict)
-                                                                         else value))
-    return False
+    if not isinstance(value, (list, dict)):
+        return False
+    items = value.values() if isinstance(value, dict) else value
+    return levels == 0 or any(_nests_deeper_than(item, levels - 1) for item in items)
 
 
 def _is_text(value: Any) -> bool:
@@ -196,6 +201,7 @@ def form_to_input(form: dict[str, Any], advanced: dict[str, Any]) -> TrainConfig
     dataset_ids = [int(v) for v in form.get("dataset_ids", []) if str(v).strip().isdigit()]
     model_raw = str(form.get("model_id") or "").strip()
     gpus_raw = str(form.get("gpus") or "0").strip()
+    step_raw, previous_raw = str(form.get("step_size") or "").strip(), str(form.get("previous_step_size") or "").strip()
     return TrainConfigInput(
         name=str(form.get("name") or "").strip(),
         description=str(form.get("description") or ""),
@@ -203,6 +209,10 @@ def form_to_input(form: dict[str, Any], advanced: dict[str, Any]) -> TrainConfig
         dataset_ids=dataset_ids,
         gpus=int(gpus_raw) if gpus_raw.lstrip("-").isdigit() else -1,
         params=params,
+        # The form's automatic micro-batch box (templates/configs/_step_size.html); a form without it keeps it off.
+        auto_batch=form.get("auto_batch") is not None,
+        step_size=(int(step_raw) if step_raw.lstrip("-").isdigit() else -1) if step_raw else None,
+        previous_step_size=int(previous_raw) if previous_raw.isdigit() else None,
     )
 
 
@@ -267,6 +277,7 @@ def check(session: Session, data: TrainConfigInput, *, for_run: bool = False,
         result.error("name", "at most 100 characters")
     model_path = data.params.get("model_name_or_path")
     params = normalize_params({k: v for k, v in data.params.items() if k != "model_name_or_path"}, result)
+    batching.apply_step_size(data, params, result)  # the optimizer-step size sets batch × accumulation
     if model_path is not None and data.model_id is None:
         params = {"model_name_or_path": str(model_path), **params}
     model = _model_for(session, data, result, imported_model)
@@ -283,7 +294,8 @@ def check(session: Session, data: TrainConfigInput, *, for_run: bool = False,
     unresolved = params.get("dataset")  # names an imported YAML had that are not registered datasets
     if isinstance(unresolved, str):  # a name registered and chosen since is resolved
         chosen = {dataset.name for dataset in datasets}
-        unresolved = ",".join(n for n in (n.strip() for n in unresolved.split(",")) if n and n not in chosen)
+        names = [name.strip() for name in unresolved.split(",")]
+        unresolved = ",".join(name for name in names if name and name not in chosen)
         if unresolved:
             params["dataset"] = unresolved
         else:
@@ -370,7 +382,8 @@ def get_config(session: Session, config_id: int) -> TrainConfig | None:
 
 def to_input(config: TrainConfig) -> TrainConfigInput:
     return TrainConfigInput(name=config.name, description=config.description, model_id=config.model_id,
-                            dataset_ids=list(config.dataset_ids), gpus=config.gpus, params=dict(config.params))
+                            dataset_ids=list(config.dataset_ids), gpus=config.gpus, params=dict(config.params),
+                            auto_batch=config.auto_batch)
 
 
 def create_config(session: Session, data: TrainConfigInput, *, parent: TrainConfig | None = None) -> TrainConfig:
@@ -379,7 +392,7 @@ def create_config(session: Session, data: TrainConfigInput, *, parent: TrainConf
         raise ConfigError(result.errors)
     config = TrainConfig(
         name=data.name.strip(), description=data.description, model_id=data.model_id,
-        dataset_ids=list(data.dataset_ids), gpus=data.gpus, params=params,
+        dataset_ids=list(data.dataset_ids), gpus=data.gpus, params=params, auto_batch=data.auto_batch,
         parent_id=parent.id if parent else None, version=parent.version + 1 if parent else 1,
     )
     session.add(config)
@@ -398,7 +411,7 @@ def update_config(session: Session, config: TrainConfig, data: TrainConfigInput)
         raise ConfigError(result.errors)
     config.name, config.description = data.name.strip(), data.description
     config.model_id, config.dataset_ids, config.gpus = data.model_id, list(data.dataset_ids), data.gpus
-    config.params = params
+    config.params, config.auto_batch = params, data.auto_batch
     session.add(config)
     session.commit()
     session.refresh(config)
@@ -600,8 +613,9 @@ class _ConfigLoader(yaml.SafeLoader):
             self.depth -= 1
 
 
-# The JSON-like core schema (and `<<` merge keys); anything else would build other Python objects.
+# What a "\udc00" escape leaves in a str: not text, cannot be stored as UTF-8.
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# The JSON-like core schema (and `<<` merge keys); anything else would build other Python objects.
 _PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "map",
                                                                   "seq", "merge"))
 
@@ -845,7 +859,7 @@ def estimate(session: Session, data: TrainConfigInput) -> dict[str, Any]:
         measured = measured and is_measured
         share = (min(dataset.row_count, max_samples) if isinstance(max_samples, int) else dataset.row_count)
         tokens += min(mean or 0, cutoff) * share * (1 - (val_size if 0 < val_size < 1 else 0))
-    return {
+    found = {
         "rows": rows, "samples_used": used, "dropped_by_max_samples": rows - used,
         "eval_samples": held_out, "train_samples": train_rows,
         "effective_batch": batch * accumulation * world,
@@ -855,6 +869,11 @@ def estimate(session: Session, data: TrainConfigInput) -> dict[str, Any]:
         "tokens_measured": measured,
         "packing": bool(params.get("packing") or params.get("neat_packing")),
     }
+    # Peak GPU memory, the micro-batch and the time per epoch on the GPU type a run would land on.
+    found["speed"] = batching.speed_estimate(
+        session, model_id=data.model_id, dataset_ids=list(data.dataset_ids), params=params, gpus=world if data.gpus else 0,
+        auto_batch=data.auto_batch, base=found, previous_step=data.previous_step_size)
+    return found
 
 
 # ---------------------------------------------------------------------------------- diff

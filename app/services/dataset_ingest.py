@@ -113,10 +113,28 @@ MAX_NESTING = 64
 MAX_KEYS = 1000
 MAX_KEY_CHARS = 1024
 # Python's json turns an escaped UTF-16 surrogate without its pair (a lone \udc00) into a str that
-# cannot be encoded as UTF-8 (to store or train on). Rows are searched for one only in files whose text
-# holds surrogate escapes at all (escaped emoji); ruling them out is one regex scan (~1 GB/s).
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# cannot be encoded as UTF-8 (to store or train on). Rows are searched for one only once the text
+# holds such an escape: a regex scan (~1 GB/s) that pairs the escapes of escaped emoji as it goes.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate_escape(text: str, start: int) -> bool:
+    """Whether JSON text (from `start`) may hold a surrogate escape that is not half of a
+    high-then-low pair. An escaped backslash before "udc00", or a pair cut at either end, also
+    answers True: the rows are then searched, which finds nothing wrong."""
+    high_end = -1  # where a high surrogate's escape ended, waiting for its low half
+    for match in _SURROGATE_ESCAPE.finditer(text, start):
+        is_high = match.group()[3] in "89abAB"
+        if high_end >= 0:
+            if is_high or match.start() != high_end:
+                return True
+            high_end = -1
+        elif is_high:
+            high_end = match.end()
+        else:
+            return True
+    return high_end >= 0
 
 
 # --------------------------------------------------------------------------------------- errors
@@ -570,9 +588,6 @@ class DatasetIngest:
 
     def _append_text(self, text: str, *, text_end: int, text_bytes: int) -> None:
         """Slide the text buffer: drop what was parsed, append `text` (which ends at byte `text_end`)."""
-        if not self._check_surrogates:
-            straddling = self._buf[max(self._pos, len(self._buf) - 5):] + text[:5]  # an escape split by a chunk
-            self._check_surrogates = bool(_SURROGATE_ESCAPE.search(text) or _SURROGATE_ESCAPE.search(straddling))
         buf, pos = self._buf, self._pos
         if pos:
             left = buf[pos:]
@@ -587,6 +602,8 @@ class DatasetIngest:
         self._buf = buf
         self._pos = 0
         self._buf_ascii = buf.isascii()
+        if not self._check_surrogates:  # from 11 characters before the new text: a pair may straddle chunks
+            self._check_surrogates = _lone_surrogate_escape(buf, max(0, len(buf) - len(text) - 11))
 
     def _offset(self, i: int) -> int:
         """Absolute byte offset of text position i in the current buffer."""

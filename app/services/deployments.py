@@ -220,7 +220,10 @@ def _panel_copy(manifest: ArtifactManifest) -> Path:
     """The adapter on the panel's own disk (a cache keyed by content), for the preflight."""
     folder = get_settings().path("cache", "adapters") / manifest.digest
     if not folder.is_dir():
-        artifact_service.materialize(manifest, folder)
+        try:
+            artifact_service.materialize(manifest, folder)
+        except artifact_service.ArtifactError as error:
+            raise DeploymentError(f"the adapter's files are not in the artifact store: {error}", 409) from None
     return folder
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func
+from sqlalchemy import and_, func, or_
 from sqlmodel import Session, col, select
 
 from app.models import ModelEntry, Run, RunEvent, RunMetric, RunStatus, TrainConfig
@@ -111,7 +111,10 @@ def run_rows_changed(session: Session, after_event: int) -> tuple[list[RunRow], 
     if cursor <= after_event:
         return [], after_event
     changed = select(RunEvent.run_id).where(RunEvent.id > after_event, RunEvent.id <= cursor).distinct()
-    rows = session.exec(_run_rows_query().where(col(Run.id).in_(changed)).order_by(col(Run.id).desc())).all()
+    # The table shows the newest runs only: an old cursor never brings back the whole history.
+    rows = session.exec(
+        _run_rows_query().where(col(Run.id).in_(changed)).order_by(col(Run.id).desc()).limit(RUN_ROWS_LIMIT)
+    ).all()
     return [_run_row(row) for row in rows], cursor
 
 
@@ -134,18 +137,19 @@ class RunChoice:
 
 
 def deployable_run_choices(session: Session) -> list[RunChoice]:
-    """Finished runs with a stored adapter to serve (as app.services.deployments.deployable_runs
-    says, without loading the runs): a succeeded run's final adapter, or any checkpoint."""
-    stored: dict[int, set[str]] = {}
-    for run_id, name in session.exec(select(RunArtifact.run_id, RunArtifact.name)).all():
-        stored.setdefault(run_id, set()).add(name)
-    finished = (RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled)
+    """Finished runs with a stored adapter to serve (the rule of app.services.deployments.
+    deployable_runs, in SQL): a succeeded run's final adapter, or any run's checkpoint."""
+    stored = select(RunArtifact.id).where(RunArtifact.run_id == Run.id)
     rows = session.exec(
         select(Run.id, Run.name, Run.status)
-        .where(col(Run.status).in_(finished), col(Run.id).in_(stored)).order_by(col(Run.id).desc())
+        .where(or_(
+            and_(Run.status == RunStatus.succeeded, stored.exists()),
+            and_(col(Run.status).in_((RunStatus.failed, RunStatus.cancelled)),
+                 stored.where(RunArtifact.name != ADAPTER_ARTIFACT).exists()),
+        ))
+        .order_by(col(Run.id).desc())
     ).all()
-    choices = [RunChoice(run_id, name, RunStatus(status)) for run_id, name, status in rows]
-    return [c for c in choices if c.status == RunStatus.succeeded or stored[c.id] - {ADAPTER_ARTIFACT}]
+    return [RunChoice(run_id, name, RunStatus(status)) for run_id, name, status in rows]
 
 
 def adapter_choices(session: Session, run: RunChoice) -> list[tuple[str, str]]:

@@ -28,6 +28,7 @@ from app.models import Dataset, Deployment, ModelEntry, Run, RunEvent, RunLogLin
 from app.models.base import as_utc, utcnow
 from app.models.run import RunPriority
 from app.services import artifacts as artifact_service
+from app.services import batching
 from app.services import configs as config_service
 from app.services.broker import kick_scheduler, send_to_workers
 from app.services.datasets import dataset_info_for, run_file_name
@@ -235,6 +236,7 @@ def start_run(
         name=(name or "").strip() or f"{config.name} v{config.version}",
         config_id=config_id, status=S.queued, gpus_requested=gpus, train_yaml=train_yaml,
         lineage=lineage, idempotency_key=idempotency_key or None, priority=priority,
+        batch_plan=batching.initial_plan(session, config, gpus),  # the estimate shown before launch
     )
     session.add(run)
     try:
@@ -453,6 +455,7 @@ def claim_run(session: Session, run_id: int, claim: ClaimRequest) -> RunSpec:
     resume_manifest = (
         artifact_service.get_manifest(session, run.id, run.resume_from) if run.resume_from else None
     )
+    batch, probe = batching.claim_plan(session, run)  # the automatic micro-batch: a split, or a probe first
     return RunSpec(
         run_id=run.id,
         attempt=run.attempt,
@@ -467,6 +470,8 @@ def claim_run(session: Session, run_id: int, claim: ClaimRequest) -> RunSpec:
         gpus=run.gpus_requested,
         resume_from_checkpoint=run.resume_from,
         resume_manifest=resume_manifest,
+        batch=batch,
+        probe=probe,
     )
 
 
@@ -580,6 +585,7 @@ def finish_run(session: Session, run_id: int, report: FinishRequest) -> None:
     )
     if finished:
         kick_scheduler()  # its GPUs or slot are free
+        batching.record_finish(session, run_id, report)  # measured memory and time against the estimates
         return
     run = get_run(session, run_id)
     if run.attempt == report.attempt and run.status == outcome:
