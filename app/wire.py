@@ -95,11 +95,27 @@ class ArtifactManifest(BaseModel):
 
 
 class UploadState(BaseModel):
-    """Where the resumable upload of one blob stands: the bytes the panel holds (all of them,
-    `complete`, once the blob is in the store). A 409 of the upload carries it too."""
+    """Where the resumable upload of one blob, or an upload session, stands: the bytes the panel
+    holds (all of them, `complete`, once the blob is in the store: a session's commit answers
+    that). A 409 of the upload carries it too."""
 
     offset: int
     complete: bool
+
+
+# A file too big to hash before sending it (one more full read) goes through an upload session:
+# the panel hashes the bytes as they arrive, and the commit names the blob they must be.
+class UploadSessionRequest(BaseModel):
+    size: int = Field(ge=0)
+
+
+class UploadSession(BaseModel):
+    upload_id: str
+    offset: int
+
+
+class UploadCommit(BaseModel):
+    sha256: str = Field(pattern=SHA256_PATTERN)
 
 
 class ArtifactRecord(BaseModel):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,10 @@ from pathlib import Path
 
 import httpx
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workers.serving import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,9 +51,7 @@ def main() -> None:
          "from app.services.users import get_user_by_name, create_token; s = Session(get_engine()); "
          "print(create_token(s, get_user_by_name(s, 'bench'), 'bench')[1])"],
         env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
                                "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT)
     try:

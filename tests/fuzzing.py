@@ -36,6 +36,7 @@ from app.db import get_engine
 from app.models import ApiToken, User
 from app.services.users import create_token
 from tests.factories import dataset_factory, finished_run_factory, run_config_factory
+from tests.test_deploy import write_adapter
 from tests.live import LivePanel
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
@@ -85,7 +86,9 @@ def seed_rows(panel: LivePanel, model_dir: Path) -> tuple[str, str]:
     with Session(get_engine()) as session:
         run_config_factory(session, str(model_dir), name="fuzz")
         dataset_factory(session, "fuzz-extra")
-        finished_run_factory(session, str(panel.data_dir / "runs" / "fuzz-output"), str(model_dir))
+        # Its adapter goes into the artifact store, so the folder must hold one.
+        adapter = write_adapter(panel.data_dir.parent / "fuzz-adapter", str(model_dir))
+        finished_run_factory(session, str(adapter), str(model_dir))
         admin = session.exec(select(User).where(User.username == panel.username)).one()
         raws = []
         for token_id, kind in zip(FUZZER_TOKEN_IDS, ("api", "gateway"), strict=True):

@@ -34,6 +34,7 @@ from sqlmodel import Session
 from app.db import get_engine, migrate
 from app.services.users import create_token, create_user
 from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, PROJECT_ROOT, log_in
+from workers.serving import free_port  # noqa: F401  (one free-port helper, shared by the tests)
 
 # The runs-app tests' own Redis database (flushed when a panel starts on it).
 REDIS_URL = "redis://127.0.0.1:6379/11"
@@ -47,10 +48,28 @@ CHROMIUM_ARGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@contextmanager
+def app_in_thread() -> Iterator[int]:
+    """The real app (this process's settings) served by uvicorn in a thread; yields its port."""
+    import threading
+
+    import uvicorn
+
+    from app.main import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The S3 backend against a real S3-protocol server on loopback (moto's, on a free port), through
 the real panel: the worker round trip, the blobs in the bucket under the prefix (nothing left on
-the panel's disk), byte ranges streamed from S3, and garbage collected from the bucket."""
+the panel's disk), a big file through an upload session, byte ranges streamed from S3, and garbage
+collected from the bucket."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from tests.test_artifacts import (
     worker_headers,
     write_files,
 )
-from workers.artifacts import fetch_artifact, upload_folder
+from workers.artifacts import SESSION_UPLOAD_BYTES, fetch_artifact, upload_folder
 
 BUCKET, PREFIX = "tuneboard", "team/runs"
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
@@ -81,6 +82,30 @@ def test_folders_travel_through_the_bucket(panel: LivePanel, bucket, tmp_path: P
         assert ranged.status_code == 206 and ranged.content == (folder / "weights.bin").read_bytes()[5:MiB + 5]
         on_panel = service.materialize(manifest, tmp_path / "panel" / manifest.digest)
         assert folder_bytes(on_panel) == folder_bytes(folder)
+
+        service.delete_run_artifacts(db, run.id)
+        assert keys(bucket) == set()
+    reporter.close()
+
+
+def test_a_big_file_goes_into_the_bucket_through_an_upload_session(panel: LivePanel, bucket, tmp_path: Path) -> None:
+    reporter = reporter_to(panel.url)
+    with Session(get_engine()) as db:
+        run = make_run(db)
+        folder = write_files(tmp_path / "checkpoint-4", {
+            "weights.bin": os.urandom(SESSION_UPLOAD_BYTES + MiB), "trainer_state.json": b"{}",
+        })
+        manifest = upload_folder(reporter, run.id, run.attempt, "w1", folder, "checkpoint-4", 4)
+        stored = {f"{PREFIX}/blobs/{entry.sha256}" for entry in manifest.files}
+        assert keys(bucket) == stored
+        assert staged_uploads() == []
+
+        # Sent again, the session's bytes are a blob the bucket holds: the panel discards them.
+        assert upload_folder(reporter, run.id, run.attempt, "w1", folder, "checkpoint-4", 4).digest == manifest.digest
+        assert keys(bucket) == stored
+        assert staged_uploads() == []
+        fetched = fetch_artifact(reporter, run.id, "checkpoint-4", tmp_path / "second-machine")
+        assert folder_bytes(fetched) == folder_bytes(folder)
 
         service.delete_run_artifacts(db, run.id)
         assert keys(bucket) == set()

@@ -186,16 +186,12 @@ def test_account_page_shows_a_new_token_once(client: TestClient) -> None:
 
 
 def test_cli_creates_an_admin_and_the_api_client_uses_a_token(data_dir, monkeypatch) -> None:
-    import socket
-    import threading
-    import time
-
     import typer
-    import uvicorn
     from typer.testing import CliRunner
 
     from app.cli import cli
     from app.cli.client import api_client
+    from tests.live import app_in_thread
 
     runner = CliRunner()
     result = runner.invoke(cli, ["user", "create", "--admin", "root", "--password-stdin"], input="long enough pw\n")
@@ -203,15 +199,7 @@ def test_cli_creates_an_admin_and_the_api_client_uses_a_token(data_dir, monkeypa
     assert runner.invoke(cli, ["user", "create", "root", "--password-stdin"], input="long enough pw\n").exit_code == 1
     assert runner.invoke(cli, ["user", "create", "bob", "--password-stdin"], input="short\n").exit_code == 1
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.02)
+    with app_in_thread() as port:
         with TestClient(create_app()) as browser:
             log_in(browser, "root", "long enough pw")
             raw = browser.post("/api/v1/tokens", json={"name": "cli"}).json()["token"]
@@ -225,6 +213,3 @@ def test_cli_creates_an_admin_and_the_api_client_uses_a_token(data_dir, monkeypa
             with pytest.raises(typer.Exit) as refused:
                 http.delete("/api/v1/tokens/999")
             assert refused.value.exit_code == 1
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

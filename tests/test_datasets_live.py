@@ -6,41 +6,30 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from app.cli import cli
 from app.db import get_engine
-from app.main import create_app
 from app.models import Dataset, ModelEntry
 from app.services.users import create_token, create_user
 from tests.factories import alpaca_rows, dataset_factory
+from tests.live import app_in_thread
 
 
 @pytest.fixture
 def live_server(data_dir: Path) -> Iterator[tuple[int, str]]:
     """The real app on a free port and an API token of an admin."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    with Session(get_engine()) as session:
-        user = create_user(session, "admin", "long enough password", is_admin=True)
-        _, token = create_token(session, user, "tests")
-    yield port, token
-    server.should_exit = True
-    thread.join(timeout=10)
+    with app_in_thread() as port:
+        with Session(get_engine()) as session:
+            user = create_user(session, "admin", "long enough password", is_admin=True)
+            _, token = create_token(session, user, "tests")
+        yield port, token
 
 
 def test_an_upload_cut_off_mid_stream_stores_nothing(live_server, data_dir) -> None:

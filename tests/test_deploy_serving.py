@@ -28,7 +28,7 @@ from app.services.users import create_user
 from app.settings import get_settings
 from tests.conftest import log_in
 from tests.factories import finished_run_factory, model_factory
-from tests.live import worker_command
+from tests.live import free_port, worker_command
 
 # Generous: on a busy 2-core machine vLLM has taken 200 s to start (17–28 s when idle).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -38,20 +38,12 @@ CHINESE_MESSAGES = [{"role": "system", "content": "你是Qwen，由阿里云创�
                     {"role": "user", "content": "你是谁？"}]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Panel:
     """The web app and one serving worker on a fresh data dir, and a logged-in client."""
 
     def __init__(self, root: Path, broker_url: str | None = None) -> None:
         self.data = root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ, "TUNEBOARD_ENVIRONMENT": "test", "TUNEBOARD_DATA_DIR": str(self.data),

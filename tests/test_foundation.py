@@ -54,7 +54,7 @@ def test_docker_compose_runs_web_redis_and_a_gpu_worker_as_separate_hosts() -> N
 
     compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"redis", "web", "gpu-worker"}
+    assert set(services) == {"caddy", "redis", "web", "gpu-worker"}
     web, worker = services["web"], services["gpu-worker"]
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"] and worker["build"]["args"]["FLAVOUR"] == "cuda"

@@ -191,3 +191,15 @@ def test_a_restarted_worker_loses_what_its_previous_process_ran(session, config_
     assert runs[unclaimed.id].status == "queued" and runs[unclaimed.id].dispatch_id is None
     session.refresh(server)
     assert server.status == "failed" and "restarted" in server.status_reason
+
+
+def test_the_run_pages_and_the_api_say_where_a_queued_run_stands(client, config_id) -> None:
+    run_id = client.post("/api/v1/runs", json={"config_id": config_id, "priority": "high"}).json()["id"]
+    with Session(get_engine()) as db:
+        scheduler.schedule(db)
+    run = client.get(f"/api/v1/runs/{run_id}").json()
+    assert (run["priority"], run["queue_position"]) == ("high", 1)
+    assert run["wait_reason"].startswith("no worker is online")
+    for page in (f"/runs/{run_id}", "/runs"):
+        assert "#1 in the queue (high priority): no worker is online" in client.get(page).text
+    assert client.post("/api/v1/runs", json={"config_id": config_id, "priority": "urgent"}).status_code == 422

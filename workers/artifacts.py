@@ -1,6 +1,10 @@
 """Artifacts on a worker: a run folder uploaded to the panel's artifact store blob by blob, and a
 stored folder fetched into a local cache; both resume where a broken connection left them.
 
+A small file is hashed before it is sent, so that a blob the store holds already (the same file in
+another checkpoint) is not sent again; a big one is hashed in the same read that sends it, through
+an upload session: one read of the file instead of two, at the cost of that dedup.
+
 The cache is `<cache_dir>/blobs/<sha256>` (verified blobs) and `<cache_dir>/artifacts/<digest>/`
 (folders, hard-linked from the blobs): a folder already there is used as is.
 """
@@ -27,6 +31,9 @@ from app.wire import (
     ArtifactManifest,
     ArtifactRecord,
     FileEntry,
+    UploadCommit,
+    UploadSession,
+    UploadSessionRequest,
     UploadState,
 )
 from workers.reporter import AppUnavailable, Reporter
@@ -34,6 +41,8 @@ from workers.reporter import AppUnavailable, Reporter
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
+# Files at least this big go through an upload session (see above).
+SESSION_UPLOAD_BYTES = 16 << 20
 # A transfer is given up after this long without progress (each resume that moves on restarts it).
 STALL_LIMIT_S = 300.0
 # Recording a manifest again after uploading blobs the store had meanwhile collected.
@@ -87,10 +96,10 @@ def _folder_files(folder: Path, name: str) -> list[Path]:
     return sorted(path for path in found if path.is_file())
 
 
-def _file_bytes(path: Path, offset: int) -> Iterator[bytes]:
+def _file_bytes(path: Path, offset: int, end: int) -> Iterator[bytes]:
     with path.open("rb") as source:
         source.seek(offset)
-        while chunk := source.read(CHUNK_BYTES):
+        while chunk := source.read(min(CHUNK_BYTES, end - source.tell())):
             yield chunk
 
 
@@ -109,7 +118,7 @@ def _upload_blob(reporter: Reporter, sha256: str, path: Path, size: int, stall_l
         try:
             response = reporter.send(
                 "PATCH", f"/blobs/{sha256}/upload", params={"offset": state.offset, "size": size},
-                content=_file_bytes(path, state.offset), headers={"Content-Length": str(size - state.offset)},
+                content=_file_bytes(path, state.offset, size), headers={"Content-Length": str(size - state.offset)},
                 # The panel verifies and commits the blob before answering (to S3: an upload of its own).
                 timeout=httpx.Timeout(30.0, read=60.0 + size / 20e6),
             )
@@ -129,6 +138,105 @@ def _upload_blob(reporter: Reporter, sha256: str, path: Path, size: int, stall_l
         backoff.check(state.offset > before, problem)
 
 
+class _HashedFile:
+    """A file's bytes as they are sent, hashed in the same read: `hash` covers its first `hashed`
+    bytes."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.hash = hashlib.sha256()
+        self.hashed = 0
+
+    def _read(self, offset: int, end: int) -> Iterator[bytes]:
+        for chunk in _file_bytes(self.path, offset, end):
+            self.hash.update(chunk)
+            self.hashed += len(chunk)
+            yield chunk
+
+    def _rewind(self, offset: int) -> None:
+        """Make the hash cover the first `offset` bytes: after a broken connection it has taken in
+        more than the panel kept, so it is computed again from that prefix (only)."""
+        if self.hashed != offset:
+            self.hash, self.hashed = hashlib.sha256(), 0
+            for _chunk in self._read(0, offset):
+                pass
+
+    def body_from(self, offset: int) -> Iterator[bytes]:
+        self._rewind(offset)
+        return self._read(offset, self.size)
+
+    def sha256(self) -> str:
+        self._rewind(self.size)
+        return self.hash.hexdigest()
+
+
+def _session_offset(reporter: Reporter, upload: str) -> int:
+    response = reporter.get(upload)
+    if response.status_code != 200:
+        raise ArtifactTransferError(f"{upload}: state refused ({response.status_code}): {_refused(response)}")
+    return UploadState.model_validate(response.json()).offset
+
+
+def _upload_through_session(reporter: Reporter, path: Path, size: int, stall_limit_s: float) -> str:
+    """Send the file through an upload session, from the offset the panel reports until it holds
+    every byte, then commit it under the sha256 computed on the way; returns that sha256."""
+    response = reporter.post("/uploads", json=UploadSessionRequest(size=size).model_dump())
+    if response.status_code != 200:
+        raise ArtifactTransferError(f"upload of {path} refused ({response.status_code}): {_refused(response)}")
+    session = UploadSession.model_validate(response.json())
+    upload = f"/uploads/{session.upload_id}"
+    backoff = _Backoff(f"upload of {path}", stall_limit_s)
+    sent = _HashedFile(path, size)
+    offset = session.offset
+    while offset < size:
+        try:
+            response = reporter.send(
+                "PATCH", upload, params={"offset": offset}, content=sent.body_from(offset),
+                headers={"Content-Length": str(size - offset)}, timeout=httpx.Timeout(30.0, read=60.0),
+            )
+            if response.status_code == 200:
+                answered = UploadState.model_validate(response.json())
+                if answered.offset == size:
+                    break
+                problem = f"the panel holds {answered.offset} of {size} bytes"
+            elif response.status_code == 409 or response.status_code >= 500:
+                problem = f"HTTP {response.status_code}: {_refused(response)}"
+            else:
+                raise ArtifactTransferError(f"upload of {path} refused ({response.status_code}): {_refused(response)}")
+        except httpx.TransportError as error:
+            problem = repr(error)
+        backoff.sleep(problem)  # first: the panel notices a broken connection before it is asked
+        before, offset = offset, _session_offset(reporter, upload)
+        backoff.check(offset > before, problem)
+    sha256 = sent.sha256()
+    _commit_session(reporter, upload, sha256, path, size, stall_limit_s)
+    return sha256
+
+
+def _commit_session(reporter: Reporter, upload: str, sha256: str, path: Path, size: int, stall_limit_s: float) -> None:
+    backoff = _Backoff(f"commit of {path}", stall_limit_s)
+    commit = UploadCommit(sha256=sha256).model_dump()
+    while True:
+        # Retried while the panel is away. It compares the digest it computed and moves the bytes
+        # into the store before answering (into S3: an upload of its own).
+        response = reporter.post(f"{upload}/commit", json=commit, timeout=httpx.Timeout(30.0, read=60.0 + size / 20e6))
+        if response.status_code == 200:
+            return
+        if response.status_code == 404:
+            # An earlier try went through and its answer was lost; or the session idled so long
+            # that it was collected: then the blob goes by its address, now known.
+            if not _upload_state(reporter, sha256).complete:
+                _upload_blob(reporter, sha256, path, size, stall_limit_s)
+            return
+        if response.status_code != 409:  # 409: an earlier try is still moving the bytes
+            raise ArtifactTransferError(f"upload of {path} as blob {sha256} refused ({response.status_code}): "
+                                        f"{_refused(response)}")
+        problem = f"HTTP 409: {_refused(response)}"
+        backoff.check(False, problem)
+        backoff.sleep(problem)
+
+
 def upload_folder(
     reporter: Reporter, run_id: int, attempt: int, worker_id: str, folder: Path, name: str, step: int | None,
     *, stall_limit_s: float = STALL_LIMIT_S,
@@ -139,15 +247,19 @@ def upload_folder(
         raise ArtifactTransferError(f"{folder} has no {CHECKPOINT_COMPLETE_MARKER} yet: the checkpoint is incomplete")
     entries: list[FileEntry] = []
     sources: dict[str, tuple[Path, int]] = {}
-    paths = _folder_files(folder, name)
+    files = [(path, path.stat().st_size) for path in _folder_files(folder, name)]
     with ThreadPoolExecutor(max_workers=1) as hasher:
-        # Hashing runs ahead: the next file's digest is ready when the previous upload ends.
-        for path, sha256 in zip(paths, hasher.map(_file_sha256, paths)):
-            size = path.stat().st_size
+        # Hashing the small files runs ahead: the next one's digest is ready when the previous upload ends.
+        digests = hasher.map(_file_sha256, [path for path, size in files if size < SESSION_UPLOAD_BYTES])
+        for path, size in files:
+            if size >= SESSION_UPLOAD_BYTES:
+                sha256 = _upload_through_session(reporter, path, size, stall_limit_s)
+            else:
+                sha256 = next(digests)
+                if sha256 not in sources:
+                    _upload_blob(reporter, sha256, path, size, stall_limit_s)
+            sources.setdefault(sha256, (path, size))
             entries.append(FileEntry(path=path.relative_to(folder).as_posix(), sha256=sha256, size=size))
-            if sha256 not in sources:
-                sources[sha256] = (path, size)
-                _upload_blob(reporter, sha256, path, size, stall_limit_s)
     manifest = ArtifactManifest(name=name, step=step, files=entries)
     record = ArtifactRecord(attempt=attempt, worker_id=worker_id, manifest=manifest).model_dump(mode="json")
     for _ in range(RECORD_TRIES):

@@ -107,10 +107,6 @@ class ManagedProcess:
             )
         self.pid = self._popen.pid  # the guard's: the root of the tree
 
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop_signal_at is not None
-
     def signal_tree(self, signum: int) -> None:
         """`signum` to every process of the tree, deepest first (as LLaMA Board aborts a run:
         the ranks get SIGABRT before the launchers above them)."""

@@ -56,7 +56,7 @@ _supervisors: dict[int, "ServerSupervisor"] = {}
 _worker_stopping = threading.Event()
 
 
-def free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]

@@ -17,6 +17,8 @@ import logging
 import os
 import queue
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -39,6 +41,8 @@ from app.wire import (
     DATASET_DIR_PLACEHOLDER,
     OUTPUT_DIR_PLACEHOLDER,
     RESULT_FILES,
+    BatchChoice,
+    BatchFallback,
     CheckpointReport,
     ClaimRequest,
     DatasetFile,
@@ -46,12 +50,14 @@ from app.wire import (
     EventsRequest,
     FinishRequest,
     Outcome,
+    ProbeReport,
     RunSpec,
     TrainTask,
 )
 from workers import artifacts
+from workers import batching as auto_batch
 from workers.gpus import gpu_stats
-from workers.log_tail import RunTails, TailBatch
+from workers.log_tail import FileTail, RunTails, TailBatch
 from workers.process import ManagedProcess
 from workers.reporter import AppUnavailable, Reporter
 
@@ -253,6 +259,11 @@ class TrainingRun:
         self._gpu_sampled_at = 0.0
         self._uploader: CheckpointUploader | None = None
         self.timings: dict[str, float] = {"claimed": claimed_at}
+        # The automatic micro-batch: the split this attempt trains with (None: the YAML's own).
+        self.batch: BatchChoice | None = spec.batch
+        self._fell_back = False
+        self._launch_offset = 0
+        self._checkpoints_at_launch: set[str] = set()
 
     @property
     def tag(self) -> str:
@@ -275,12 +286,18 @@ class TrainingRun:
                 command, env = self._prepare()
             except (PreparationFailed, OSError, AppUnavailable) as error:
                 return self.fail_before_start(f"could not prepare the run folder: {error}")
-            self.process = ManagedProcess(command, env, self.run_dir, self.stdout_log)
+            ended = self._choose_batch()
+            if ended is not None:
+                return ended
+            self._launch(command, env)
             self._uploader = CheckpointUploader(self)
             self.timings["started"] = time.monotonic()
             log.info("%s: started %s (pid %s, GPUs %s)", self.tag, " ".join(command), self.process.pid,
                      self.gpu_ids or "none")
             exit_code = self._supervise()
+            while self._fall_back(exit_code):  # out of memory in the first steps: once, one size smaller
+                self._launch(command, env)
+                exit_code = self._supervise()
             self.timings["exited"] = time.monotonic()
             return self._finish(exit_code)
         except Exception:
@@ -379,7 +396,126 @@ class TrainingRun:
         })
         if len(self.gpu_ids) > 1:
             env["FORCE_TORCHRUN"] = "1"
+        if self.gpu_ids:
+            env["RECORD_VRAM"] = "1"  # peak memory in trainer_log.jsonl: measured against the estimate
         return env
+
+    # ----------------------------------------------------------------------- the micro-batch
+    def _choose_batch(self) -> str | None:
+        """Train with the claim's split, or probe first and train with the panel's answer (the
+        YAML's own split when the probe fails or the panel is away). Returns the outcome when the
+        attempt ended meanwhile (cancelled, or ended by the panel)."""
+        train_yaml = self.run_dir / "train.yaml"
+        if self.spec.probe is not None:
+            report = self._probe(train_yaml)
+            if self._app_gone:
+                return "superseded"
+            if self._stop is not None:
+                return self.fail_before_start(self._stop.reason, outcome="cancelled")
+            try:
+                response = self.reporter.post(f"/runs/{self.run_id}/probe", json=report.model_dump(), retry_for_s=60.0)
+            except AppUnavailable as error:
+                log.warning("%s: probe result not delivered (%s): training with the YAML's split", self.tag, error)
+                return None
+            if response.status_code in (404, 409):
+                self._app_gone = True
+                return "superseded"
+            if response.status_code != 200:
+                log.error("%s: probe result refused (%s): %s", self.tag, response.status_code, response.text)
+                return None
+            self.batch = BatchChoice.model_validate(response.json())
+        if self.batch is not None:
+            auto_batch.apply_split(train_yaml, self.batch.per_device_train_batch_size,
+                                   self.batch.gradient_accumulation_steps)
+            log.info("%s: micro-batch %s × %s (%s): %s", self.tag, self.batch.per_device_train_batch_size,
+                     self.batch.gradient_accumulation_steps, self.batch.source, self.batch.reason)
+        return None
+
+    def _probe(self, train_yaml: Path) -> ProbeReport:
+        """workers/envscripts/batch_probe.py on this attempt's first GPU, its output in the run's log,
+        with the per-run heartbeat going on (a cancel stops it)."""
+        assert self.spec.probe is not None
+        request_path, result_path = self.run_dir / "probe-request.json", self.run_dir / "probe-result.json"
+        result_path.unlink(missing_ok=True)
+        auto_batch.probe_request_file(request_path, train_yaml, self.spec.probe)
+        env = self._environment()
+        for key in ("FORCE_TORCHRUN", "LLAMABOARD_ENABLED", "LLAMABOARD_WORKDIR"):
+            env.pop(key, None)
+        env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_ids[0]) if self.gpu_ids else ""
+        process = ManagedProcess([self.settings.train_python, str(auto_batch.PROBE_SCRIPT), str(request_path),
+                                  str(result_path)], env, self.run_dir, self.stdout_log)
+        log.info("%s: probing micro-batches for %s sequences per step (pid %s)", self.tag, self.spec.probe.step,
+                 process.pid)
+        deadline = time.monotonic() + self.settings.probe_timeout_s
+        outbox, timed_out = _Outbox(), False
+        outbox.status = None  # the run stays `starting` while it probes
+        stdout = self.tails.log_sources["stdout"]
+        while (code := process.poll()) is None:
+            if self._stop is not None:
+                process.request_stop(SUPERSEDED_GRACE_S, first_signal=signal.SIGTERM)
+            elif time.monotonic() > deadline and not timed_out:
+                timed_out = True
+                process.request_stop(SUPERSEDED_GRACE_S, first_signal=signal.SIGTERM)
+            outbox.add(TailBatch(logs=[{"source": "stdout", "offset": line.offset, "line": line.line}
+                                       for line in stdout.read()]))
+            now = time.monotonic()
+            due = outbox.news or now - self._last_report_at >= self.heartbeat_interval_s
+            if due and now >= self._next_report_at:
+                self._report(outbox)
+            time.sleep(TAIL_INTERVAL_S)
+        outbox.add(TailBatch(logs=[{"source": "stdout", "offset": line.offset, "line": line.line}
+                                   for line in stdout.read(final=True)]))
+        if outbox.news and not self._app_gone:
+            self._report(outbox)
+        error = (f"it took longer than {self.settings.probe_timeout_s:.0f} s" if timed_out
+                 else None if code == 0 else f"the probe exited with {code}")
+        return auto_batch.read_probe_result(result_path, self.attempt, self.worker_id, error)
+
+    def _launch(self, command: list[str], env: dict[str, str]) -> None:
+        self._launch_offset = self.stdout_log.stat().st_size if self.stdout_log.is_file() else 0
+        self._checkpoints_at_launch = {c.name for c in list_checkpoints(self.output_dir) if c.complete}
+        self.process = ManagedProcess(command, env, self.run_dir, self.stdout_log)
+
+    def _fall_back(self, exit_code: int) -> bool:
+        """After an out-of-memory exit before this launch saved a checkpoint: the next smaller split
+        of the same step, once per attempt, reported to the panel. False: the attempt ends as it is."""
+        if (exit_code == 0 or self._stop is not None or self._app_gone or self._fell_back or self.batch is None
+                or self.batch.source == "config"):
+            return False
+        if not auto_batch.ran_out_of_memory(self.stdout_log, self._launch_offset):
+            return False
+        if any(c.complete and c.name not in self._checkpoints_at_launch for c in list_checkpoints(self.output_dir)):
+            return False  # it had trained past its first steps: a Resume continues from the checkpoint
+        train_yaml = self.run_dir / "train.yaml"
+        micro, accumulation = auto_batch.current_split(train_yaml)
+        smaller = auto_batch.smaller_split(self.batch, micro, accumulation)
+        if smaller is None:
+            return False
+        logged = _logged_steps(self.output_dir)
+        auto_batch.apply_split(train_yaml, *smaller)
+        if not self.spec.resume_from_checkpoint:  # nothing of the failed launch is worth keeping
+            for child in self.output_dir.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            self.tails.trainer_log = FileTail(self.output_dir / "trainer_log.jsonl")
+        reason = (f"micro-batch {micro} ran out of memory after {logged} logged step(s): "
+                  f"training again at {smaller[0]} × {smaller[1]}")
+        fallback = BatchFallback(attempt=self.attempt, worker_id=self.worker_id, failed_micro=micro,
+                                 per_device_train_batch_size=smaller[0], gradient_accumulation_steps=smaller[1],
+                                 logged_steps=logged or 0, reason=reason)
+        try:
+            response = self.reporter.post(f"/runs/{self.run_id}/batch-fallback", json=fallback.model_dump(),
+                                          retry_for_s=30.0)
+            if response.status_code in (404, 409):
+                self._app_gone = True
+                return False
+        except AppUnavailable as error:
+            log.warning("%s: fallback not reported (%s)", self.tag, error)
+        self._fell_back = True
+        self.batch = BatchChoice(per_device_train_batch_size=smaller[0], gradient_accumulation_steps=smaller[1],
+                                 source="fallback", reason=reason,
+                                 fallbacks=[m for m in self.batch.fallbacks if m < smaller[0]])
+        log.warning("%s: %s", self.tag, reason)
+        return True
 
     # ----------------------------------------------------------------------- supervision
     def _supervise(self) -> int:
@@ -510,6 +646,7 @@ class TrainingRun:
             attempt=self.attempt, worker_id=self.worker_id, outcome=outcome, exit_code=exit_code, reason=reason,
             results=_read_json(self.output_dir / "all_results.json"), checkpoints=list_checkpoints(self.output_dir),
             has_adapter=has_adapter, versions=training_env_versions(self.settings.train_python),
+            peak_memory=auto_batch.peak_memory(self.output_dir) if self.gpu_ids else {},
         )
         try:
             response = self.reporter.post(f"/runs/{self.run_id}/finish", json=body.model_dump(), retry_for_s=600.0)
@@ -582,6 +719,23 @@ def training_env_versions(train_python: str) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError, ValueError) as error:
         log.error("could not read the training environment's versions: %s", error)
         return {}
+
+
+def _logged_steps(output_dir: Path) -> int:
+    """The last step trainer_log.jsonl logged a training loss for."""
+    last = 0
+    try:
+        with (output_dir / "trainer_log.jsonl").open("rb") as handle:
+            for raw in handle:
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and "loss" in record and isinstance(record.get("current_steps"), int):
+                    last = max(last, record["current_steps"])
+    except OSError:
+        pass
+    return last
 
 
 def _read_json(path: Path) -> dict[str, Any]:

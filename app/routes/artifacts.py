@@ -1,5 +1,5 @@
-"""Artifacts over the worker channel: blobs in (resumable uploads) and out (byte ranges), and the
-manifests of a run's folders."""
+"""Artifacts over the worker channel: blobs in (resumable uploads, by address or through an upload
+session) and out (byte ranges), and the manifests of a run's folders."""
 
 from __future__ import annotations
 
@@ -14,13 +14,22 @@ from starlette.requests import ClientDisconnect
 from app.db import SessionDep
 from app.models import RunArtifactPublic
 from app.services import artifacts as service
-from app.wire import SHA256_PATTERN, ArtifactManifest, ArtifactRecord, UploadState
+from app.wire import (
+    SHA256_PATTERN,
+    ArtifactManifest,
+    ArtifactRecord,
+    UploadCommit,
+    UploadSession,
+    UploadSessionRequest,
+    UploadState,
+)
 
 router = APIRouter(include_in_schema=False)
 api_router = APIRouter()
 internal_router = APIRouter()
 
 Sha256 = Annotated[str, Path(pattern=SHA256_PATTERN)]
+UploadId = Annotated[str, Path(pattern=service.UPLOAD_ID_PATTERN)]
 _BYTE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -96,6 +105,40 @@ async def upload_blob(
         return _refusal(error)
     except ClientDisconnect:
         return Response(status_code=400)  # nobody listens; what arrived stays staged for the resume
+
+
+@internal_router.post("/uploads")
+def open_upload_session(opening: UploadSessionRequest) -> UploadSession:
+    return service.open_session(opening.size)
+
+
+@internal_router.get("/uploads/{upload_id}", response_model=None)
+def upload_session_state(upload_id: UploadId) -> UploadState | Response:
+    try:
+        return service.session_state(upload_id)
+    except service.ArtifactError as error:
+        return _refusal(error)
+
+
+@internal_router.patch("/uploads/{upload_id}", response_model=None)
+async def upload_to_session(
+    upload_id: UploadId, request: Request, offset: Annotated[int, Query(ge=0)],
+) -> UploadState | Response:
+    """The request's body, streamed, appended at `offset` of the session's bytes."""
+    try:
+        return await service.receive_session(upload_id, offset, request.stream())
+    except service.ArtifactError as error:
+        return _refusal(error)
+    except ClientDisconnect:
+        return Response(status_code=400)  # nobody listens; what arrived stays staged for the resume
+
+
+@internal_router.post("/uploads/{upload_id}/commit", response_model=None)
+def commit_upload_session(upload_id: UploadId, commit: UploadCommit) -> UploadState | Response:
+    try:
+        return service.commit_session(upload_id, commit.sha256)
+    except service.ArtifactError as error:
+        return _refusal(error)
 
 
 @internal_router.post("/runs/{run_id}/artifacts", response_model=None)

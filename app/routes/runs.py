@@ -490,7 +490,7 @@ def run_artifact(run_id: int, name: str) -> FileResponse:
     return _artifact(run_id, name)
 
 
-@api_router.get("/runs/{run_id}/download")
+@api_router.get("/runs/{run_id}/download", responses={200: {"content": {"application/zip": {}}}})
 def download_run(run_id: int, session: SessionDep, checkpoint: str | None = None) -> StreamingResponse:
     """The adapter (or `?checkpoint=checkpoint-N`) as a zip, streamed."""
     return _download(session, run_id, checkpoint)

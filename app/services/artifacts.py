@@ -3,8 +3,11 @@ content-addressed blobs, kept under the data dir or in an S3-compatible bucket.
 
 Workers never reach the store themselves. They upload each blob to the panel, resumably: the bytes
 are staged under the data dir at the offset the panel reports, checked against their sha256, then
-committed to the store; once every blob is in, the worker records the folder's manifest. The
-database says which blobs manifests reference: any other blob is garbage.
+committed to the store; once every blob is in, the worker records the folder's manifest. A small
+blob is uploaded by its address (the worker hashes it first: a blob the store holds is not sent
+again); a big one through an upload session, which the panel hashes as the bytes arrive and the
+worker commits under the sha256 it computed while sending. The database says which blobs
+manifests reference: any other blob is garbage.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from app.wire import (
     ArtifactManifest,
     ArtifactRecord,
     FileEntry,
+    UploadSession,
     UploadState,
     checkpoint_step,
 )
@@ -255,8 +259,9 @@ def open_blob(sha256: str, start: int = 0) -> Any:
 
 
 # --------------------------------------------------------------------------- resumable uploads
-def _staging_path(sha256: str) -> Path:
-    return get_settings().path("artifacts", "staging") / sha256
+def _staging_path(name: str) -> Path:
+    """Where a blob's upload (`name`: its sha256) or an upload session (its id) is staged."""
+    return get_settings().path("artifacts", "staging") / name
 
 
 def upload_state(sha256: str) -> UploadState:
@@ -269,24 +274,35 @@ def upload_state(sha256: str) -> UploadState:
         return UploadState(offset=0, complete=False)
 
 
-def _lock_staging(sha256: str) -> BinaryIO:
-    """The blob's staging file, opened for appending and locked for this upload alone."""
-    path = _staging_path(sha256)
-    staged = path.open("ab", buffering=0)
+def _lock_staged(path: Path, *, create: bool) -> BinaryIO | None:
+    """The staging file opened for appending and locked for this request alone; None while another
+    request holds it (or once that one has committed or discarded it). FileNotFoundError when it
+    is not there and not to be created."""
+    flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)
+    staged = os.fdopen(os.open(path, flags, 0o666), "ab", buffering=0)
     try:
         fcntl.flock(staged.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        # The lock may be on a file another upload has meanwhile committed or discarded.
+        # The lock may be on a file another request has meanwhile committed or discarded.
         if os.fstat(staged.fileno()).st_ino != os.stat(path).st_ino:
             raise BlockingIOError
     except (BlockingIOError, FileNotFoundError):
         staged.close()
-        raise ArtifactConflict(
-            f"blob {sha256} is being uploaded by another request", **upload_state(sha256).model_dump()
-        ) from None
+        return None
     return staged
 
 
-def _append(staged: BinaryIO, digest: Any, block: bytearray) -> None:
+def _lock_staging(sha256: str) -> BinaryIO:
+    """The blob's staging file, opened for appending and locked for this upload alone."""
+    staged = _lock_staged(_staging_path(sha256), create=True)
+    if staged is None:
+        raise ArtifactConflict(
+            f"blob {sha256} is being uploaded by another request", **upload_state(sha256).model_dump()
+        )
+    return staged
+
+
+def _append(staged: BinaryIO, digest: Any, chunks: list[bytes]) -> None:
+    block = b"".join(chunks)
     staged.write(block)
     if digest is not None:
         digest.update(block)
@@ -300,19 +316,22 @@ def _file_sha256(path: Path) -> str:
 async def _append_stream(staged: BinaryIO, digest: Any, chunks: AsyncIterable[bytes], received: int, size: int) -> int:
     """Append the chunks, a MiB at a time, hashed and written off the event loop while the next
     MiB comes in; returns the staged length. What arrived before the sender went away is kept."""
-    block = bytearray()
+    # The chunks are joined in the thread too: the event loop only collects them.
+    block: list[bytes] = []
+    block_bytes = 0
     writing: asyncio.Future | None = None
     try:
         async for chunk in chunks:
             received += len(chunk)
             if received > size:
                 raise ArtifactInvalid(f"more than the {size} bytes announced")
-            block += chunk
-            if len(block) >= CHUNK_BYTES:
+            block.append(chunk)
+            block_bytes += len(chunk)
+            if block_bytes >= CHUNK_BYTES:
                 if writing is not None:
                     await writing
                 writing = asyncio.ensure_future(asyncio.to_thread(_append, staged, digest, block))
-                block = bytearray()
+                block, block_bytes = [], 0
     finally:
         if writing is not None:
             await writing
@@ -355,6 +374,118 @@ async def receive_blob(sha256: str, offset: int, size: int, chunks: AsyncIterabl
             staged_path.unlink()
             raise ArtifactInvalid(f"the bytes uploaded as blob {sha256} hash to {actual}: discarded")
         await asyncio.to_thread(store.put, sha256, staged_path)
+    return UploadState(offset=size, complete=True)
+
+
+# --------------------------------------------------------------------------- upload sessions
+# The id carries the size announced: a session outlives a panel restart with its staged bytes alone.
+UPLOAD_ID_PATTERN = r"^[0-9a-f]{32}-[0-9]+$"
+
+
+class _StagedDigest:
+    """The sha256 of an upload session's first `length` staged bytes."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.length = 0
+
+    def update(self, block: bytes) -> None:
+        self.hash.update(block)
+        self.length += len(block)
+
+
+# Each open session's digest, kept across its PATCHes so that the commit reads nothing again.
+_session_digests: dict[str, _StagedDigest] = {}
+
+
+def open_session(size: int) -> UploadSession:
+    upload_id = f"{uuid.uuid4().hex}-{size}"
+    _staging_path(upload_id).touch(exist_ok=False)
+    _session_digests[upload_id] = _StagedDigest()
+    return UploadSession(upload_id=upload_id, offset=0)
+
+
+def _session_size(upload_id: str) -> int:
+    return int(upload_id.rsplit("-", 1)[1])
+
+
+def _session_gone(upload_id: str) -> ArtifactNotFound:
+    return ArtifactNotFound(f"upload {upload_id} is not open: committed, discarded or collected while idle")
+
+
+def session_state(upload_id: str) -> UploadState:
+    try:
+        return UploadState(offset=_staging_path(upload_id).stat().st_size, complete=False)
+    except FileNotFoundError:
+        raise _session_gone(upload_id) from None
+
+
+def _lock_session(upload_id: str) -> BinaryIO:
+    try:
+        staged = _lock_staged(_staging_path(upload_id), create=False)
+    except FileNotFoundError:
+        raise _session_gone(upload_id) from None
+    if staged is None:
+        raise ArtifactConflict(f"upload {upload_id} is being written by another request",
+                               **session_state(upload_id).model_dump())
+    return staged
+
+
+def _session_digest(upload_id: str, length: int) -> _StagedDigest:
+    """The digest of the session's `length` staged bytes (its lock held): the one kept in memory,
+    else (the panel restarted, a write failed) recomputed from the staged bytes."""
+    digest = _session_digests.get(upload_id)
+    if digest is None or digest.length != length:
+        digest = _StagedDigest()
+        with _staging_path(upload_id).open("rb") as staged:
+            while block := staged.read(CHUNK_BYTES):
+                digest.update(block)
+        _session_digests[upload_id] = digest
+    return digest
+
+
+def _discard_session(upload_id: str) -> None:
+    _staging_path(upload_id).unlink(missing_ok=True)
+    _session_digests.pop(upload_id, None)
+
+
+async def receive_session(upload_id: str, offset: int, chunks: AsyncIterable[bytes]) -> UploadState:
+    """Append `chunks`, hashed as they arrive, to the session's staged bytes at `offset` (which must
+    be how many are staged: else a 409 with the state). What arrives before the sender goes away
+    stays staged, for a resume; more than the size announced discards the session (422)."""
+    size = _session_size(upload_id)
+    with await asyncio.to_thread(_lock_session, upload_id) as staged:
+        current = os.fstat(staged.fileno()).st_size
+        if offset != current:
+            raise ArtifactConflict(f"upload {upload_id} has {current} bytes staged, not {offset}",
+                                   offset=current, complete=False)
+        digest = await asyncio.to_thread(_session_digest, upload_id, current)
+        try:
+            received = await _append_stream(staged, digest, chunks, current, size)
+        except ArtifactInvalid as error:
+            _discard_session(upload_id)
+            raise ArtifactInvalid(f"upload {upload_id}: {error.detail}: discarded") from None
+    return UploadState(offset=received, complete=False)
+
+
+def commit_session(upload_id: str, sha256: str) -> UploadState:
+    """Put the session's bytes, all staged (else a 409 with the state), into the store as blob
+    `sha256` if they hash to it (else they are discarded: 422). A blob the store holds already
+    makes them redundant: discarded, and the blob is complete."""
+    size = _session_size(upload_id)
+    store = get_store()
+    with _lock_session(upload_id) as staged:
+        current = os.fstat(staged.fileno()).st_size
+        if current != size:
+            raise ArtifactConflict(f"upload {upload_id} has {current} of its {size} bytes staged",
+                                   offset=current, complete=False)
+        if store.size(sha256) is None:
+            actual = _session_digest(upload_id, current).hash.hexdigest()
+            if actual != sha256:
+                _discard_session(upload_id)
+                raise ArtifactInvalid(f"the bytes of upload {upload_id} hash to {actual}, not {sha256}: discarded")
+            store.put(sha256, _staging_path(upload_id))
+        _discard_session(upload_id)
     return UploadState(offset=size, complete=True)
 
 
@@ -521,15 +652,19 @@ def collect_garbage(session: Session, freed: Collection[str] = ()) -> list[str]:
 
 
 def _drop_idle_staging(cutoff: float) -> None:
+    """Blob uploads and upload sessions alike."""
     with os.scandir(get_settings().path("artifacts", "staging")) as entries:
         idle = [entry.name for entry in entries if entry.stat().st_mtime < cutoff]
-    for sha256 in idle:
+    for name in idle:
         try:
-            staged = _lock_staging(sha256)
-        except ArtifactConflict:
-            continue  # an upload is writing to it now
+            staged = _lock_staged(_staging_path(name), create=False)
+        except FileNotFoundError:
+            continue  # committed or discarded meanwhile
+        if staged is None:
+            continue  # a request is writing to it now
         with staged:
-            _staging_path(sha256).unlink()
+            _staging_path(name).unlink()
+            _session_digests.pop(name, None)
 
 
 # --------------------------------------------------------------------------- folders on the panel

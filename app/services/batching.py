@@ -68,6 +68,8 @@ SHAPE_IGNORED = frozenset({"_name_or_path", "transformers_version", "use_cache",
 PACKING_FILL = 0.99
 # LLaMA-Factory's dataset.map batches: packs never span two of them.
 PACKING_CHUNK = 1000
+# Larger steps are refused by the config checks (configs.MAX_EFFECTIVE_BATCH); nothing here goes past.
+MAX_STEP = 4096
 HISTORY_RUNS = 200  # finished runs looked at for past measurements and past estimates' errors
 ACCURACY_RUNS = 10
 
@@ -140,7 +142,10 @@ def step_per_device(args: dict[str, Any]) -> int:
     """Sequences per optimizer step on one GPU: per_device_train_batch_size × gradient_accumulation_steps."""
     batch = args.get("per_device_train_batch_size") or 8  # transformers' default
     accumulation = args.get("gradient_accumulation_steps") or 1
-    return int(batch) * int(accumulation)
+    try:
+        return int(batch) * int(accumulation)
+    except (TypeError, ValueError):
+        return 0
 
 
 def key_fields(args: dict[str, Any], shape: str, device: str) -> dict[str, Any]:
@@ -252,6 +257,10 @@ def claim_plan(session: Session, run: Run) -> tuple[BatchChoice | None, ProbeReq
         _save_plan(session, run, plan, notify=False)
         return None, None
     step = step_per_device(args)
+    if not 1 <= step <= MAX_STEP:
+        plan.update(auto=False, reason=f"a step of {step} sequences is past what the probe takes")
+        _save_plan(session, run, plan, notify=False)
+        return None, None
     device, _total = _device_of(session, run)
     fields = key_fields(args, shape_digest(_model_path(run), _model_fingerprint(session, run)), device)
     key = probe_key(fields)
@@ -289,6 +298,10 @@ def _chosen(session: Session, run: Run, plan: dict[str, Any], choice: BatchChoic
         plan["predicted"] = predicted and {k: predicted[k] for k in ("peak_reserved_mib", "peak_allocated_mib",
                                                                       "step_s", "tokens_per_s")}
         plan["probe_id"] = probe.id
+        config = session.get(TrainConfig, run.config_id)
+        if config is not None:  # the estimate again, now from the probe, on the GPU the run got
+            device, total = _device_of(session, run)
+            plan["estimate_probe"] = _estimate_summary(_config_estimate(session, config, run.gpus_requested, device, total))
     _save_plan(session, run, plan)
 
 
@@ -577,6 +590,9 @@ def speed_estimate(session: Session, *, model_id: int | None, dataset_ids: list[
         device, device_total_mib, worker_id = landing_device(session, gpus)
     result.update(device=device, device_total_mib=device_total_mib, worker_id=worker_id)
     model = session.get(ModelEntry, model_id) if model_id else None
+    if not 1 <= step * world <= MAX_STEP:
+        result["note"] = f"the optimizer step must be 1 to {MAX_STEP} sequences"
+        return result
     if model is None or not base.get("train_samples"):
         result["note"] = "choose a model and a dataset for speed and memory estimates"
         return result
@@ -695,8 +711,8 @@ def apply_step_size(data: Any, params: dict[str, Any], errors: Any) -> None:
     if step is None:
         return
     world = max(int(data.gpus or 0), 1)
-    if not isinstance(step, int) or step < 1:
-        errors.error("step_size", "the optimizer-step size must be a whole number of sequences, 1 or more")
+    if not isinstance(step, int) or not 1 <= step <= MAX_STEP:
+        errors.error("step_size", f"the optimizer-step size must be a whole number of sequences, 1 to {MAX_STEP}")
         return
     if step % world:
         errors.error("step_size", f"{step} sequences per step do not split over {world} GPUs: use a multiple of {world}")
@@ -709,21 +725,33 @@ def apply_step_size(data: Any, params: dict[str, Any], errors: Any) -> None:
     params["gradient_accumulation_steps"] = per_gpu // micro
 
 
-def initial_plan(session: Session, config: TrainConfig, gpus: int) -> dict[str, Any]:
-    """What a new run keeps from before its launch: the estimate it was shown."""
+def _config_estimate(session: Session, config: TrainConfig, gpus: int, device: str | None = None,
+                     device_total_mib: float | None = None) -> dict[str, Any]:
     from app.services import configs as config_service
 
     data = config_service.to_input(config)
     data.gpus = gpus
     try:
         base = config_service.estimate(session, data)
-    except Exception:  # an estimate never stops a run from starting
+        if device is None:
+            return base.get("speed") or {}
+        params, _ = config_service.check(session, data)
+        return speed_estimate(session, model_id=config.model_id, dataset_ids=list(config.dataset_ids), params=params,
+                              gpus=gpus, auto_batch=config.auto_batch, base=base, device=device,
+                              device_total_mib=device_total_mib)
+    except Exception:  # an estimate never stops a run
         log.exception("config %s: no estimate", config.id)
-        return {"auto": config.auto_batch}
-    speed = base.get("speed") or {}
-    estimate = {k: speed.get(k) for k in ("source", "device", "micro", "accumulation", "peak_mem_mib", "epoch_s",
-                                          "total_s", "step_s", "tokens_per_s") if speed.get(k) is not None}
-    return {"auto": config.auto_batch, "estimate": estimate}
+        return {}
+
+
+def _estimate_summary(speed: dict[str, Any]) -> dict[str, Any]:
+    return {k: speed.get(k) for k in ("source", "device", "micro", "accumulation", "peak_mem_mib", "epoch_s",
+                                      "total_s", "step_s", "tokens_per_s") if speed.get(k) is not None}
+
+
+def initial_plan(session: Session, config: TrainConfig, gpus: int) -> dict[str, Any]:
+    """What a new run keeps from before its launch: the estimate it was shown."""
+    return {"auto": config.auto_batch, "estimate": _estimate_summary(_config_estimate(session, config, gpus))}
 
 
 def plan_summary(plan: dict[str, Any]) -> dict[str, Any]:

@@ -211,7 +211,9 @@ def form_to_input(form: dict[str, Any], advanced: dict[str, Any]) -> TrainConfig
         params=params,
         # The form's automatic micro-batch box (templates/configs/_step_size.html); a form without it keeps it off.
         auto_batch=form.get("auto_batch") is not None,
-        step_size=(int(step_raw) if step_raw.lstrip("-").isdigit() else -1) if step_raw else None,
+        # The step field counts only once changed: batch and accumulation edits otherwise stand as typed.
+        step_size=(int(step_raw) if step_raw.lstrip("-").isdigit() else -1)
+        if step_raw and step_raw != previous_raw else None,
         previous_step_size=int(previous_raw) if previous_raw.isdigit() else None,
     )
 

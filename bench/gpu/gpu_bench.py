@@ -339,14 +339,14 @@ def phase_compare(env: Env, plan: list[tuple[str, str, dict[str, Any], int]], ti
 
 # --------------------------------------------------------------------------- the worker path
 @contextmanager
-def live_panel(env: Env, gpus: str):
+def live_panel(env: Env, gpus: str, extra: dict[str, str] | None = None):
     from tests.live import standalone_panel
 
     root = env.work / f"panel-{gpus.replace(',', '')}"
     shutil.rmtree(root, ignore_errors=True)
     # running_panel passes no TUNEBOARD_* variable of ours through: name the trainer's commands.
     trainer = {key: os.environ[key] for key in ("TUNEBOARD_TRAIN_PYTHON", "TUNEBOARD_LLAMAFACTORY_CLI")}
-    with standalone_panel(root, env={"TUNEBOARD_WORKER_GPUS": gpus, **trainer}) as panel:
+    with standalone_panel(root, env={"TUNEBOARD_WORKER_GPUS": gpus, **trainer, **(extra or {})}) as panel:
         deadline = time.monotonic() + 60
         want = 0 if gpus == "none" else len(gpus.split(","))
         while not any(len(w.get("gpus") or []) >= want for w in panel.api.get("/api/v1/workers").json()):
@@ -466,6 +466,115 @@ def phase_multi(env: Env, shape: str, params: dict[str, Any], timeout_s: float) 
         report("multi_torchrun", both)
 
 
+# --------------------------------------------------------------------------- issue 19: the automatic micro-batch
+def _split_of(run_dir: Path) -> list[int]:
+    config = yaml.safe_load((run_dir / "train.yaml").read_text())
+    return [config["per_device_train_batch_size"], config["gradient_accumulation_steps"]]
+
+
+def auto_run(env: Env, panel, config_id: int, shape: str, share: float, timeout_s: float,
+             name: str) -> tuple[dict[str, Any], Path]:
+    """One run through the panel with the automatic micro-batch, and what the panel recorded of it."""
+    result, run_dir = panel_run(env, panel, config_id, shape, share, 1, timeout_s)
+    run = panel.api.get(f"/api/v1/runs/{result['run_id']}").raise_for_status().json()
+    plan = run["batch_plan"]
+    result.update(split=_split_of(run_dir), plan=plan, results=run["results"],
+                  probe_s=(plan.get("probe") or {}).get("probe_s"),
+                  probe_log=[line["line"] for line in panel.api.get(f"/api/v1/runs/{run['id']}/logs").json()
+                             if line["line"].startswith("probe [")][-12:])
+    env.save(name, result)
+    report(name, result)
+    choice = (plan.get("choice") or {}).get("batch") or {}
+    log(f"{name}: split {result['split']} ({choice.get('source')}): {choice.get('reason')}")
+    for key in ("estimate", "estimate_probe", "measured", "errors", "fallback"):
+        if plan.get(key):
+            log(f"{name}: {key} {json.dumps(plan[key])}")
+    return result, run_dir
+
+
+def seed_oversized_split(panel, config_id: int, micro: int) -> None:
+    """The fallback demonstration: the probe cache entry of this config's key is told that `micro`
+    fits (it does not), so that the run really runs out of memory at its first step."""
+    from sqlmodel import Session, select
+
+    from app.db import get_engine
+    from app.models import BatchProbe
+
+    with Session(get_engine()) as session:
+        probe = session.exec(select(BatchProbe).order_by(BatchProbe.id.desc())).first()
+        fitted = [m for m in probe.measurements if m.get("ok")]
+        last = fitted[-1]
+        probe.measurements = [*probe.measurements, {**last, "micro": micro, "peak_reserved_mib": probe.total_mib * 0.5,
+                                                    "fb_s": last["fb_s"] * micro / last["micro"]}]
+        session.add(probe)
+        session.commit()
+
+
+def phase_auto(env: Env, shapes: list[str], timeout_s: float, fallback: bool) -> None:
+    """The panel's default GPU config (4 × 3 with the automatic micro-batch) through the worker: a first
+    run probes, a second one takes the cached choice; then the raw CLI on the second run's YAML, and
+    (fallback) a real out-of-memory error at a split the cache wrongly says fits."""
+    smoke = env.smoke
+    extra = {"TUNEBOARD_PROBE_CPU": "1"} if smoke else {}
+    direct: list[tuple[str, str, Path]] = []
+    with live_panel(env, "none" if smoke else "0", extra) as panel:
+        for shape in shapes:
+            params = {**RECOMMENDED, "num_train_epochs": 1.0}
+            if smoke:
+                params.update(per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=6)
+            elif shape == "7b":
+                params["max_samples"] = 1000  # ~35 steps of 12 packs: one epoch in ~30 s
+            config_id = panel_config(env, shape, params, 0 if smoke else 1, f"auto-{shape}")
+            config = panel.api.get(f"/api/v1/configs/{config_id}").raise_for_status().json()
+            stats = panel.api.get(f"/api/v1/datasets/{config['dataset_ids'][0]}/stats", params={
+                "model_id": config["model_id"], "template": "qwen", "cutoff_len": config["params"]["cutoff_len"]}, timeout=600)
+            log(f"{shape}: token stats {stats.status_code}, mean {stats.json().get('total_tokens', {}).get('mean')}")
+            estimate = panel.api.post("/api/v1/configs/estimate", json={
+                "name": "x", "model_id": config["model_id"], "dataset_ids": config["dataset_ids"],
+                "gpus": config["gpus"], "params": config["params"]}).json()
+            env.save(f"auto_{shape}_form_estimate", estimate.get("speed"))
+            log(f"{shape}: form estimate before any probe: {json.dumps(estimate.get('speed'))}")
+            share = share_for(env, params)
+            auto_run(env, panel, config_id, shape, share, timeout_s, f"auto_{shape}_probe")
+            _, run_dir = auto_run(env, panel, config_id, shape, share, timeout_s, f"auto_{shape}_cache")
+            direct.append((shape, f"auto_{shape}_raw", run_dir))
+        env.save("batch_probes", panel.api.get("/api/v1/batch-probes").json())
+        if fallback:
+            shape = shapes[0]
+            micro = 8 if smoke else 128
+            params = {**RECOMMENDED, "per_device_train_batch_size": micro if not smoke else 2,
+                      "gradient_accumulation_steps": 1 if not smoke else micro // 2, "max_steps": 6 if smoke else 10}
+            config_id = panel_config(env, shape, params, 0 if smoke else 1, f"fallback-{shape}")
+            seed_oversized_split(panel, config_id, micro)
+            auto_run(env, panel, config_id, shape, share_for(env, params), timeout_s, f"auto_{shape}_fallback")
+    for shape, name, run_dir in direct:
+        config = yaml.safe_load((run_dir / "train.yaml").read_text())
+        direct_dir = fresh_run_dir(env, name)
+        shutil.copy(run_dir / "dataset_info.json", direct_dir / "dataset_info.json")
+        shutil.rmtree(direct_dir / "data")
+        shutil.copytree(run_dir / "data", direct_dir / "data")
+        log(f"{name}: raw CLI on the worker's train.yaml ({config['per_device_train_batch_size']} × "
+            f"{config['gradient_accumulation_steps']})")
+        result = direct_run(env, name, config, direct_dir, shape, [] if smoke else [0], timeout_s)
+        env.save(name, result)
+        report(name, result)
+        worker = env.results.get(f"auto_{shape}_cache", {})
+        if "real_tokens_per_s" in result and "real_tokens_per_s" in worker:
+            ratio = worker["real_tokens_per_s"] / result["real_tokens_per_s"]
+            env.save(f"auto_{shape}_ratio", round(ratio, 4))
+            log(f"{shape}: worker/raw real tokens/s {ratio:.4f} (target ≥ 0.99)")
+    summary = []
+    for shape in shapes:
+        for kind in ("probe", "cache", "raw"):
+            r = env.results.get(f"auto_{shape}_{kind}", {})
+            plan = r.get("plan") or {}
+            summary.append(
+                f"{shape:5} {kind:6} split {r.get('split')} tok/s {r.get('real_tokens_per_s')} probe_s {r.get('probe_s')} "
+                f"est {json.dumps(plan.get('estimate'))} est_probe {json.dumps(plan.get('estimate_probe'))} "
+                f"measured {json.dumps(plan.get('measured'))} errors {json.dumps(plan.get('errors'))}")
+    log("auto summary:\n" + "\n".join(summary))
+
+
 # --------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -479,6 +588,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="", help="setup: build only these model shapes")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per training run")
     parser.add_argument("--no-liger", action="store_true", help="the recommended config without Liger kernels")
+    parser.add_argument("--auto-shapes", default="0.5b", help="auto: the shapes to run (issue 19)")
+    parser.add_argument("--fallback", action="store_true", help="auto: also the out-of-memory fallback run")
     args = parser.parse_args()
     if args.no_liger:
         RECOMMENDED["enable_liger_kernel"] = False
@@ -518,6 +629,8 @@ def main() -> None:
         phase_compare(env, plan, args.timeout)
     if "panel" in phases:
         phase_panel(env, panel_shape, panel_params, args.timeout)
+    if "auto" in phases:
+        phase_auto(env, ["tiny"] if args.cpu_smoke else args.auto_shapes.split(","), args.timeout, args.fallback)
     if "multi" in phases:
         phase_multi(env, "0.5b", {**RECOMMENDED, **SMALL_MODEL, "max_steps": 120}, args.timeout)
     log("done")

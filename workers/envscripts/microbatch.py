@@ -21,7 +21,15 @@ AS_FAST = 0.99
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0] if n > 0 else []
+    """The divisors of n, ascending (O(√n): n is a step size, at most a few thousand)."""
+    small, large, d = [], [], 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
 
 
 def probe_plan(step: int) -> list[int]:
