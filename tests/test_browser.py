@@ -236,6 +236,9 @@ def upload_dataset(page: Page, url: str, tmp_path: Path) -> int:
     upload = tmp_path / "numbers_alpaca.json"
     upload.write_text(json.dumps(rows, indent=1), encoding="utf-8")
 
+    # File choosers are intercepted from now on (a listener added only when a key opens one can come
+    # too late for it, and the chooser then shows nowhere).
+    page.on("filechooser", lambda _chooser: None)
     page.goto(url + "/datasets")
     expect(page.get_by_role("link", name="demo-alpaca")).to_be_visible()  # registered by --demo
     check_times_localised(page)

@@ -120,11 +120,15 @@ def test_start_freezes_the_config_and_records_the_lineage(client, session, confi
 def test_start_with_a_missing_model_or_dataset_is_refused(client, session, config) -> None:
     no_model = TrainConfig(name="no-model", dataset_ids=config.dataset_ids, params={})
     gone_dataset = TrainConfig(name="gone", model_id=config.model_id, dataset_ids=[config.dataset_ids[0], 999])
-    session.add_all([no_model, gone_dataset])
+    # An imported YAML named a dataset besides the registered one, and it was never registered.
+    half_resolved = TrainConfig(name="half", model_id=config.model_id, dataset_ids=config.dataset_ids,
+                                params={"dataset": "alpaca_clue_train"})
+    session.add_all([no_model, gone_dataset, half_resolved])
     session.commit()
     cases = [
         (no_model.id, 400, "has no base model"),
         (gone_dataset.id, 404, "dataset 999"),
+        (half_resolved.id, 400, "names datasets that are not registered (alpaca_clue_train)"),
         (12345, 404, "config 12345 not found"),
     ]
     for config_id, status_code, message in cases:

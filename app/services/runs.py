@@ -173,12 +173,12 @@ def _validated_inputs(session: Session, config: TrainConfig) -> tuple[ModelEntry
             f"the base model (id {config.model_id}) of config {config.name!r} no longer exists: "
             "register it again or edit the config"
         )
+    if not config.dataset_ids:
+        raise RunError(f"config {config.name!r} has no dataset: add one on the config page")
     unresolved = config.params.get("dataset")  # names an imported YAML had that are not registered
     if unresolved:
         raise RunError(f"config {config.name!r} names datasets that are not registered ({unresolved}): "
                        "upload them on the Datasets page and choose them on the config page")
-    if not config.dataset_ids:
-        raise RunError(f"config {config.name!r} has no dataset: add one on the config page")
     datasets = []
     for dataset_id in config.dataset_ids:
         dataset = session.get(Dataset, dataset_id)
