@@ -16,14 +16,15 @@ from sqlmodel import Session
 from app.auth import require_user, require_worker
 from app.db import get_engine, migrate
 from app.demo import install_demo
-from app.routes import artifacts, auth, configs, datasets, deployments, gateway, health, home, models, runs, workers
+from app.routes import (artifacts, auth, configs, datasets, deployments, evaluations, gateway, health, home, models, runs,
+                        workers)
 from app.security import warn_if_login_needs_https
 from app.services.scheduler import run_scheduler
 from app.settings import STATIC_DIR, get_settings
 
 # Each area module has `router` (pages) and `api_router` (/api/v1), both behind login, and
 # may have `internal_router` (/internal/v1, the worker channel, behind the worker token).
-AREAS = (datasets, configs, models, runs, artifacts, deployments, workers, auth)
+AREAS = (datasets, configs, models, runs, evaluations, artifacts, deployments, workers, auth)
 
 
 class ApiError(BaseModel):

@@ -452,3 +452,73 @@ class AdapterUnloadTask(BaseModel):
 class AdapterReport(BaseModel):
     status: Literal["ready", "failed"]
     reason: str = ""
+
+
+# --------------------------------------------------------------------------- evaluation
+# An evaluation job (app/services/evaluations.py, workers/evaluation.py): generations of a base
+# model, or of a run's adapter or checkpoint, on a set of rows, scored with LLaMA-Factory's own
+# BLEU-4 and ROUGE-1/2/L. Scheduled like a run (a CPU training slot, or GPUs), claimed with its
+# dispatch id; the worker heartbeats, uploads its generated_predictions.jsonl, then finishes.
+EVAL_TASK = "tuneboard.evaluate"
+EVAL_METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
+EVAL_PREDICTIONS_FILE = "generated_predictions.jsonl"
+EvalBackend = Literal["llamafactory", "vllm"]
+
+
+class EvalTask(BaseModel):
+    evaluation_id: int
+    dispatch_id: str
+    gpu_ids: list[int] = Field(default_factory=list)
+
+
+class EvalClaim(BaseModel):
+    dispatch_id: str
+    worker_id: str
+    instance_id: str = ""
+
+
+class EvalSpec(BaseModel):
+    """The evaluation claim's reply: everything the worker needs to generate and score."""
+
+    evaluation_id: int
+    backend: EvalBackend
+    base_model_path: str
+    template: str
+    # None: the base model alone.
+    adapter: ArtifactManifest | None = None
+    # The rows to generate for, as a dataset file of their own (JSON array, the dataset's format).
+    dataset_name: str
+    dataset_info_entry: dict[str, Any]
+    rows_url: str  # under /internal/v1
+    rows: int
+    cutoff_len: int
+    max_new_tokens: int
+    batch_size: int
+    gpu_ids: list[int] = Field(default_factory=list)
+    heartbeat_interval_s: float = RUN_HEARTBEAT_INTERVAL_S
+    # vLLM (backend "vllm")
+    max_lora_rank: int = 64
+    max_model_len: int = 2048
+    kv_cache_bytes: str = "64M"
+    cpu_threads: int = 1
+
+
+class EvalHeartbeat(BaseModel):
+    worker_id: str
+    status: Literal["running"] | None = None
+
+
+class EvalReply(BaseModel):
+    cancel: bool = False
+
+
+class EvalFinish(BaseModel):
+    worker_id: str
+    outcome: Outcome
+    reason: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    rows: int = 0
+    # Seconds of generation and scoring alone (the backend's own figure), and of the whole job.
+    generate_s: float | None = None
+    elapsed_s: float | None = None
+    versions: dict[str, str] = Field(default_factory=dict)

@@ -9,7 +9,8 @@ download, verification, the folder materialized). The baseline is the same file 
 plain HTTP PUT to a minimal streaming endpoint (raw ASGI under the same uvicorn, writing the body
 to disk) and read back with one plain GET, by the same httpx client. Rounds alternate the paths;
 each path's best round counts. Prints MB/s of each and the ratios (target ≥ 0.8), and the rate of
-one sha256 pass over the file (upload_folder makes one before sending: the blob's address).
+one sha256 pass over the file (a file this big goes through an upload session: the worker and the
+panel each make that pass as the bytes go by, not before sending).
 """
 
 from __future__ import annotations

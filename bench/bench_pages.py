@@ -58,7 +58,7 @@ def seed(models_dir: Path, run_count: int, config_count: int) -> dict[str, int]:
         session.commit()
         config = session.get(TrainConfig, 1)
         train_yaml = config_service.render_train_yaml(
-            config, output_dir="{OUTPUT_DIR}", dataset_dir="{DATASET_DIR}", dataset_names=[datasets[0].name])
+            config, output_dir="{OUTPUT_DIR}", dataset_dir="{DATASET_DIR}", dataset_names=[datasets[0].name], gpus=0)
         lineage = {"model": {"id": model.id, "name": model.name, "path": model.path},
                    "datasets": [{"id": d.id, "name": d.name, "rows": d.row_count, "sha256": d.sha256}
                                 for d in datasets[:1]]}

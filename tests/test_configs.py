@@ -288,8 +288,9 @@ def test_import_page_shows_the_error(client, session) -> None:
 def test_render_train_yaml_for_a_run(client, session, registered) -> None:
     config_id = client.post("/api/v1/configs", json={**_api_body(registered), "name": "run"}).json()["id"]
     config = session.get(TrainConfig, config_id)
+    config.params = {**config.params, "save_steps": 5}
     text = render_train_yaml(config, output_dir="/data/runs/1/output", dataset_dir="/data/runs/1/data",
-                             dataset_names=["alpaca_demo", "more"], overrides={"save_steps": 5})
+                             dataset_names=["alpaca_demo", "more"], gpus=0)
     args = yaml.safe_load(text)
     assert text.startswith("### model\nmodel_name_or_path: ")
     assert (args["output_dir"], args["dataset_dir"], args["dataset"]) == (
@@ -298,8 +299,9 @@ def test_render_train_yaml_for_a_run(client, session, registered) -> None:
     assert args["bf16"] is False  # gpus 0: a CPU run trains in fp32
     assert [line for line in text.splitlines() if line.startswith("###")] == [
         "### model", "### method", "### dataset", "### output", "### train", "### eval"]
-    config.gpus = 1
-    assert yaml.safe_load(render_train_yaml(config, output_dir="o", dataset_dir="d", dataset_names=["a"]))["bf16"]
+    # The run's GPUs decide, not the config's: a run given a GPU keeps bf16 from a CPU config.
+    assert config.gpus == 0
+    assert yaml.safe_load(render_train_yaml(config, output_dir="o", dataset_dir="d", dataset_names=["a"], gpus=1))["bf16"]
 
 
 def test_cpu_bf16_is_announced(client, registered) -> None:

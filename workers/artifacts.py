@@ -214,13 +214,17 @@ def _upload_through_session(reporter: Reporter, path: Path, size: int, stall_lim
     return sha256
 
 
-def _commit_session(reporter: Reporter, upload: str, sha256: str, path: Path, size: int, stall_limit_s: float) -> None:
+def _commit_session(
+    reporter: Reporter, upload: str, sha256: str, path: Path, size: int, stall_limit_s: float,
+) -> None:
+    """Have the panel store the session's bytes as blob `sha256`."""
     backoff = _Backoff(f"commit of {path}", stall_limit_s)
     commit = UploadCommit(sha256=sha256).model_dump()
     while True:
         # Retried while the panel is away. It compares the digest it computed and moves the bytes
         # into the store before answering (into S3: an upload of its own).
-        response = reporter.post(f"{upload}/commit", json=commit, timeout=httpx.Timeout(30.0, read=60.0 + size / 20e6))
+        response = reporter.post(f"{upload}/commit", json=commit,
+                                 timeout=httpx.Timeout(30.0, read=60.0 + size / 20e6))
         if response.status_code == 200:
             return
         if response.status_code == 404:
@@ -249,7 +253,8 @@ def upload_folder(
     sources: dict[str, tuple[Path, int]] = {}
     files = [(path, path.stat().st_size) for path in _folder_files(folder, name)]
     with ThreadPoolExecutor(max_workers=1) as hasher:
-        # Hashing the small files runs ahead: the next one's digest is ready when the previous upload ends.
+        # Hashing the small files runs ahead: the next one's digest is ready when the previous
+        # upload ends.
         digests = hasher.map(_file_sha256, [path for path, size in files if size < SESSION_UPLOAD_BYTES])
         for path, size in files:
             if size >= SESSION_UPLOAD_BYTES:

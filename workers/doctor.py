@@ -6,7 +6,6 @@ check is ok / warning / error with the fix in one line.
 
 from __future__ import annotations
 
-import json
 import platform
 import re
 import shutil
@@ -15,10 +14,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from app.settings import PROJECT_ROOT, Settings
+from app.settings import Settings
+from workers import train_env
 from workers.gpus import detect_gpus, driver_versions
 
-ENV_REPORT_SCRIPT = PROJECT_ROOT / "workers" / "envscripts" / "env_report.py"
+# It imports torch (and with it CUDA), slow on a busy machine.
+ENV_REPORT_TIMEOUT_S = 120
 RECOMMENDED_CUDA = "12.2"
 MIN_FREE_DISK_GIB = 20
 
@@ -126,11 +127,10 @@ def _environment(report: DoctorReport, label: str, python: str) -> dict | None:
     if not Path(python).exists() and shutil.which(python) is None:
         report.add(label, "error", f"{python} not found", "run `make envs` (or envs/install.sh) to build it")
         return None
-    output = _run([python, str(ENV_REPORT_SCRIPT)], timeout=120)
     try:
-        facts = json.loads(output or "")
-    except json.JSONDecodeError:
-        report.add(label, "error", f"{python} could not report its versions",
+        facts = train_env.run_script("env_report.py", python=python, gpus=True, timeout_s=ENV_REPORT_TIMEOUT_S)
+    except train_env.TrainEnvError as error:
+        report.add(label, "error", f"{python} could not report its versions: {error}",
                    "rebuild it with envs/install.sh")
         return None
     report.facts[label.replace(" ", "_")] = facts

@@ -9,8 +9,8 @@ from typing import Any
 
 from celery import Task
 
-from app.wire import DEFAULT_QUEUE, PING_TASK, TRAIN_TASK, TrainTask
-from workers import training
+from app.wire import DEFAULT_QUEUE, EVAL_TASK, PING_TASK, TRAIN_TASK, EvalTask, TrainTask
+from workers import evaluation, training
 from workers.celery_app import celery_app
 from workers.heartbeat import INSTANCE_ID
 
@@ -29,3 +29,10 @@ def train(self: Task, task: dict[str, Any]) -> str:
     finds the attempt not claimable and does nothing."""
     return training.train(TrainTask.model_validate(task), worker_id=self.request.hostname or "worker",
                           instance_id=INSTANCE_ID, task_id=self.request.id or "")
+
+
+@celery_app.task(name=EVAL_TASK, bind=True)
+def evaluate(self: Task, task: dict[str, Any]) -> str:
+    """Run one dispatched evaluation (see workers/evaluation.py); a redelivered one is not claimable."""
+    return evaluation.evaluate(EvalTask.model_validate(task), worker_id=self.request.hostname or "worker",
+                               instance_id=INSTANCE_ID)

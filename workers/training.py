@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 import traceback
@@ -54,7 +53,7 @@ from app.wire import (
     RunSpec,
     TrainTask,
 )
-from workers import artifacts
+from workers import artifacts, train_env
 from workers import batching as auto_batch
 from workers.gpus import gpu_stats
 from workers.log_tail import FileTail, RunTails, TailBatch
@@ -702,23 +701,13 @@ def list_checkpoints(output_dir: Path) -> list[CheckpointReport]:
 
 @lru_cache
 def training_env_versions(train_python: str) -> dict[str, str]:
-    """Versions of the training environment's key packages, asked once per worker (from the
-    package metadata: no torch import)."""
-    script = (
-        "import json, importlib.metadata as m\n"
-        f"names = {list(VERSION_PACKAGES)!r}\n"
-        "def version(name):\n"
-        "    try:\n        return m.version(name)\n"
-        "    except m.PackageNotFoundError:\n        return 'missing'\n"
-        "print(json.dumps({name: version(name) for name in names}))\n"
-    )
+    """Versions of the training environment's key packages, asked once per worker."""
     try:
-        result = subprocess.run([train_python, "-c", script], capture_output=True, text=True,
-                                timeout=60, check=True)
-        return json.loads(result.stdout)
-    except (OSError, subprocess.SubprocessError, ValueError) as error:
+        packages = train_env.run_script("env_report.py", python=train_python, timeout_s=120)["packages"]
+    except train_env.TrainEnvError as error:
         log.error("could not read the training environment's versions: %s", error)
         return {}
+    return {name: packages.get(name, "missing") for name in VERSION_PACKAGES}
 
 
 def _logged_steps(output_dir: Path) -> int:

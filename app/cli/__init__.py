@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -109,11 +108,12 @@ def migrate_command() -> None:
 def demo_model(path: Path) -> None:
     """Build the tiny random Qwen2 model (offline, < 1 MB) into PATH with the training env."""
     from app.demo import build_demo_model
+    from workers.train_env import TrainEnvError
 
     try:
         typer.echo(build_demo_model(path))
-    except subprocess.CalledProcessError as error:
-        typer.echo(error.stderr, err=True)
+    except TrainEnvError as error:
+        typer.echo(str(error), err=True)
         raise typer.Exit(1) from None
 
 

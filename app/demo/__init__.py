@@ -7,15 +7,16 @@ the app stays the only writer of its database. Idempotent: what exists is left a
 
 from __future__ import annotations
 
+import json
 import logging
-import subprocess
 from pathlib import Path
 
 from sqlmodel import Session, select
 
 from app.models import Dataset, ModelEntry, TrainConfig
 from app.services import configs, datasets, model_registry
-from app.settings import PROJECT_ROOT, get_settings
+from app.settings import get_settings
+from workers import train_env
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,8 @@ DEMO_MODEL_NAME = "demo-qwen2-tiny"
 DEMO_DATASET_NAME = "demo-alpaca"
 DEMO_CONFIG_NAME = "demo-lora-cpu"
 DEMO_DATASET_FILE = Path(__file__).with_name("demo_alpaca.json")
-DEMO_MODEL_SCRIPT = PROJECT_ROOT / "workers" / "envscripts" / "demo_model.py"
+# Building it imports transformers and writes < 1 MB: seconds, minutes on a very busy machine.
+DEMO_MODEL_TIMEOUT_S = 600
 
 # Sized for a CPU: a random tiny model needs a high learning rate and several epochs to show a
 # visible loss curve (measured: lr 1e-4 barely moves it); bf16 needs a GPU.
@@ -49,9 +51,9 @@ DEMO_PARAMS = {
 def build_demo_model(target: Path) -> str:
     """Build the model with the training env (it needs transformers and tokenizers); returns
     the script's one-line JSON summary."""
-    result = subprocess.run([get_settings().train_python, str(DEMO_MODEL_SCRIPT), str(target)],
-                            check=True, capture_output=True, text=True)
-    return result.stdout.strip()
+    answer = train_env.run_script("demo_model.py", args=(str(target),), timeout_s=DEMO_MODEL_TIMEOUT_S,
+                                  what="building the demo model")
+    return json.dumps(answer)
 
 
 def install_demo(session: Session) -> None:

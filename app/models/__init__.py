@@ -5,6 +5,7 @@ from app.models.batch_probe import BatchProbe, BatchProbePublic
 from app.models.config import TrainConfig, TrainConfigPublic
 from app.models.dataset import Dataset, DatasetPublic, DatasetUpdate
 from app.models.deployment import Deployment, DeploymentStatus, InferenceServer
+from app.models.evaluation import Evaluation, EvaluationStatus
 from app.models.model_entry import ModelEntry, ModelEntryCreate, ModelEntryPublic
 from app.models.run import Run, RunEvent, RunLogLine, RunMetric, RunPublic, RunStatus
 from app.models.user import ApiToken, User
@@ -20,6 +21,8 @@ __all__ = [
     "DatasetUpdate",
     "Deployment",
     "DeploymentStatus",
+    "Evaluation",
+    "EvaluationStatus",
     "InferenceServer",
     "ModelEntry",
     "ModelEntryCreate",

@@ -96,6 +96,9 @@ class DeploymentCreate(SQLModel):
     name: str | None = Field(default=None, max_length=200)
     checkpoint: str | None = None
     backend: ServeBackend = ServeBackend.vllm
+    # Deploy even when the adapter's latest evaluation scores below the base model's (the
+    # promotion gate, app/services/evaluations.py promotion_problem).
+    force: bool = False
 
 
 class DeploymentPublic(SQLModel):

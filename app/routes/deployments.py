@@ -94,11 +94,13 @@ def deploy_from_page(
     name: Annotated[str, Form()] = "",
     checkpoint: Annotated[str, Form()] = "",
     backend: Annotated[ServeBackend, Form()] = ServeBackend.vllm,
+    force: Annotated[bool, Form()] = False,  # "deploy anyway" past the promotion gate's warning
 ):
     form = {"run_id": run_id, "name": name, "checkpoint": checkpoint, "backend": backend}
     try:
         service.create_deployment(
-            session, DeploymentCreate(run_id=run_id, name=name or None, checkpoint=checkpoint or None, backend=backend)
+            session, DeploymentCreate(run_id=run_id, name=name or None, checkpoint=checkpoint or None, backend=backend,
+                                      force=force)
         )
     except DeploymentError as error:
         # 200 so that htmx swaps the form in with the message next to its field.

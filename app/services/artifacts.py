@@ -651,10 +651,17 @@ def collect_garbage(session: Session, freed: Collection[str] = ()) -> list[str]:
     return doomed
 
 
+def _idle_since(entry: os.DirEntry, cutoff: float) -> bool:
+    try:
+        return entry.stat().st_mtime < cutoff
+    except FileNotFoundError:  # committed or discarded since the listing
+        return False
+
+
 def _drop_idle_staging(cutoff: float) -> None:
     """Blob uploads and upload sessions alike."""
     with os.scandir(get_settings().path("artifacts", "staging")) as entries:
-        idle = [entry.name for entry in entries if entry.stat().st_mtime < cutoff]
+        idle = [entry.name for entry in entries if _idle_since(entry, cutoff)]
     for name in idle:
         try:
             staged = _lock_staged(_staging_path(name), create=False)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +27,9 @@ from app.services import batching
 from app.services import llamafactory_params as catalogue
 from app.services.datasets import dataset_info_for, templates_or_empty
 from app.services.model_registry import ModelError, add_model, model_roots, template_warning
-from app.settings import PROJECT_ROOT, get_settings
+from app.settings import get_settings
+from workers import train_env
 
-VALIDATE_SCRIPT = PROJECT_ROOT / "workers" / "envscripts" / "validate_args.py"
 VALIDATE_TIMEOUT_S = 120
 # LLaMA-Factory's bundled DeepSpeed configs: the only `deepspeed` values a user may choose.
 DEEPSPEED_CONFIG = re.compile(r"^(examples/deepspeed/)?ds_z[023](_offload)?_config\.json$")
@@ -150,7 +148,7 @@ def _argument_names(result: CheckResult) -> frozenset[str] | None:
     """LLaMA-Factory's argument names, or None (with a warning) when the training env cannot say."""
     try:
         return catalogue.argument_names(get_settings().train_python)
-    except catalogue.TrainingEnvUnavailable as error:
+    except train_env.TrainEnvError as error:
         result.warn(None, f"{error}: parameter names were not checked")
         return None
 
@@ -534,7 +532,9 @@ def dataset_names(session: Session, config: TrainConfig) -> list[str]:
 
 
 def train_args(session: Session, config: TrainConfig, *, output_dir: str | None, dataset_dir: str | None,
-               dataset_names_: list[str], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+               dataset_names_: list[str], gpus: int | None) -> dict[str, Any]:
+    """The arguments `llamafactory-cli train` gets. `gpus`: what the run will have (0: CPU), or None
+    for a YAML to take away, which keeps the precision the user chose."""
     args: dict[str, Any] = {"model_name_or_path": _model_path(session, config)}
     args.update({k: v for k, v in config.params.items() if k != "model_name_or_path"})
     # Names an imported YAML had that are not registered (a run refuses them; an export keeps them).
@@ -545,25 +545,24 @@ def train_args(session: Session, config: TrainConfig, *, output_dir: str | None,
         args["dataset_dir"] = dataset_dir
     if output_dir is not None:
         args["output_dir"] = output_dir
-    if config.gpus == 0:
+    if gpus == 0:
         # bf16/fp16 need a GPU (transformers refuses them on CPU): a CPU run trains in fp32.
         for key in ("bf16", "fp16"):
             if args.get(key):
                 args[key] = False
-    args.update(overrides or {})
     return {k: v for k, v in args.items() if not (v is None and k in ("model_name_or_path", "dataset"))}
 
 
 def render_train_yaml(config: TrainConfig, *, output_dir: str, dataset_dir: str, dataset_names: list[str],
-                      overrides: dict[str, Any] | None = None) -> str:
-    """The exact YAML a run trains with (`llamafactory-cli train run.yaml`); `dataset:` = the names."""
+                      gpus: int) -> str:
+    """The exact YAML a run on `gpus` GPUs trains with (`llamafactory-cli train run.yaml`); `dataset:` = the names."""
     session = Session.object_session(config)
     if session is not None:
         return dump_yaml(train_args(session, config, output_dir=output_dir, dataset_dir=dataset_dir,
-                                    dataset_names_=dataset_names, overrides=overrides))
+                                    dataset_names_=dataset_names, gpus=gpus))
     with Session(get_engine()) as own_session:
         return dump_yaml(train_args(own_session, config, output_dir=output_dir, dataset_dir=dataset_dir,
-                                    dataset_names_=dataset_names, overrides=overrides))
+                                    dataset_names_=dataset_names, gpus=gpus))
 
 
 def export_output_dir(session: Session, config: TrainConfig) -> str:
@@ -575,14 +574,9 @@ def export_output_dir(session: Session, config: TrainConfig) -> str:
 
 def export_yaml(session: Session, config: TrainConfig) -> str:
     """A standalone YAML for `llamafactory-cli train` (dataset_dir: LLaMA-Factory's default `data`)."""
-    args = train_args(session, config, output_dir=export_output_dir(session, config), dataset_dir=None,
-                      dataset_names_=dataset_names(session, config))
-    if config.gpus == 0:
-        # Export what the user chose; only a panel run on CPU drops bf16.
-        for key in ("bf16", "fp16"):
-            if key in config.params:
-                args[key] = config.params[key]
-    return dump_yaml(args)
+    # What the user chose: only a panel run on the CPU drops bf16.
+    return dump_yaml(train_args(session, config, output_dir=export_output_dir(session, config), dataset_dir=None,
+                                dataset_names_=dataset_names(session, config), gpus=None))
 
 
 @dataclass
@@ -920,7 +914,7 @@ def llamafactory_check(session: Session, data: TrainConfigInput) -> dict[str, An
     datasets = [session.get(Dataset, i) for i in data.dataset_ids]
     info = dataset_info_for(d for d in datasets if d is not None)
     args = train_args(session, config, output_dir=None, dataset_dir=None,
-                      dataset_names_=[d.name for d in datasets if d is not None])
+                      dataset_names_=[d.name for d in datasets if d is not None], gpus=config.gpus)
     settings = get_settings()
     key = hashlib.sha256(json.dumps([args, info, settings.train_python], sort_keys=True, default=str).encode()
                          ).hexdigest()
@@ -943,20 +937,12 @@ def _run_validation(args: dict[str, Any], info: dict[str, Any], train_python: st
         (dataset_dir / "dataset_info.json").write_text(json.dumps(info))
         full = {**args, "output_dir": str(Path(workdir) / "output"), "dataset_dir": str(dataset_dir)}
         try:
-            completed = subprocess.run(
-                [train_python, str(VALIDATE_SCRIPT)], input=json.dumps({"args": full}), capture_output=True,
-                text=True, timeout=VALIDATE_TIMEOUT_S, check=False, cwd=workdir,
-                env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},
-            )
-        except FileNotFoundError:
+            answer = train_env.run_script("validate_args.py", {"args": full}, python=train_python, cwd=Path(workdir),
+                                          timeout_s=VALIDATE_TIMEOUT_S, what="LLaMA-Factory's checks")
+        except train_env.TrainEnvMissing:
             return {"ran": False, "errors": [], "warnings": [f"the training environment is missing ({train_python}):"
                                                             " LLaMA-Factory's checks were skipped"]}
-        except subprocess.TimeoutExpired:
-            return {"ran": False, "errors": [{"field": None, "message": "LLaMA-Factory's checks took too long"}]}
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"ran": False, "errors": [{"field": None, "message": f"the validation script failed: {tail}"}]}
-    answer = json.loads(lines[-1])
+        except train_env.TrainEnvError as error:
+            return {"ran": False, "errors": [{"field": None, "message": str(error)}]}
     answer["ran"] = True
     return answer

@@ -20,7 +20,6 @@ import os
 import posixpath
 import re
 import shutil
-import subprocess
 import threading
 import tempfile
 import zipfile
@@ -52,7 +51,8 @@ from app.services.dataset_ingest import (
     dataset_info_entry,
 )
 from app.services.llamafactory_params import llamafactory_cache_file
-from app.settings import PROJECT_ROOT, Settings, get_settings
+from app.settings import Settings, get_settings
+from workers import train_env
 
 PREVIEW_ROWS = 10
 PREVIEW_CELL_CHARS = 2000  # a preview cell in the database is clipped; preview.json keeps the row whole
@@ -65,7 +65,6 @@ FEED_BYTES = 1024 * 1024
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 NAME_RULE = "1–100 letters, digits, '_', '.' or '-', starting with a letter or digit"
 FORMATTINGS = ("auto", "alpaca", "sharegpt")
-PREVIEW_SCRIPT = PROJECT_ROOT / "workers" / "envscripts" / "dataset_preview.py"
 ENVSCRIPT_TIMEOUT_S = 300
 
 
@@ -852,24 +851,14 @@ def write_run_dataset_dir(datasets: list[Dataset], run_dataset_dir: Path) -> dic
 
 # ---------------------------------------------------------------- token statistics and rendering
 def _run_envscript(request: dict[str, Any]) -> dict[str, Any]:
-    settings = get_settings()
     try:
-        completed = subprocess.run(
-            [settings.train_python, str(PREVIEW_SCRIPT)],
-            input=json.dumps(request), capture_output=True, text=True, timeout=ENVSCRIPT_TIMEOUT_S, check=False,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-    except FileNotFoundError:
-        raise DatasetError(
-            status.HTTP_503_SERVICE_UNAVAILABLE, f"the training environment is missing ({settings.train_python})"
-        ) from None
-    except subprocess.TimeoutExpired:
-        raise DatasetError(status.HTTP_504_GATEWAY_TIMEOUT, "tokenizing took too long") from None
-    try:
-        answer = json.loads(completed.stdout)
-    except json.JSONDecodeError:
-        tail = completed.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise DatasetError(status.HTTP_502_BAD_GATEWAY, f"the preview script failed: {tail[0]}") from None
+        answer = train_env.run_script("dataset_preview.py", request, timeout_s=ENVSCRIPT_TIMEOUT_S, what="tokenizing")
+    except train_env.TrainEnvMissing as error:
+        raise DatasetError(status.HTTP_503_SERVICE_UNAVAILABLE, f"the training environment is missing: {error}") from None
+    except train_env.TrainEnvTimeout as error:
+        raise DatasetError(status.HTTP_504_GATEWAY_TIMEOUT, str(error)) from None
+    except train_env.TrainEnvScriptFailed as error:
+        raise DatasetError(status.HTTP_502_BAD_GATEWAY, str(error)) from None
     if "error" in answer:
         raise DatasetError(status.HTTP_400_BAD_REQUEST, answer["error"])
     return answer

@@ -321,6 +321,12 @@ def create_deployment(session: Session, data: DeploymentCreate) -> Deployment:
         raise DeploymentError(f"run {data.run_id} does not exist", 404, field="run_id")
     checkpoint = data.checkpoint or None
     manifest = adapter_manifest_for(session, run, checkpoint)
+    from app.services.evaluations import promotion_problem  # the promotion gate (issue #17)
+
+    problem = promotion_problem(session, run.id, checkpoint)
+    if problem and not data.force:
+        raise DeploymentError(f"{problem}: not deployed (send \"force\": true to deploy it anyway)", 409,
+                              field="checkpoint")
     adapter_dir = _panel_copy(manifest)
     args = run_training_args(run)
     base_model_path = str(args.get("model_name_or_path") or "")

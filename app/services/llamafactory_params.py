@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
-import subprocess
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from app.settings import PROJECT_ROOT, get_settings
+from app.settings import get_settings
+from workers import train_env
 
-ARGUMENT_NAMES_SCRIPT = PROJECT_ROOT / "workers" / "envscripts" / "train_arg_names.py"
 # Importing LLaMA-Factory takes 5 s on an idle machine, far more on a busy one.
 ARGUMENT_NAMES_TIMEOUT_S = 300
 
@@ -250,10 +248,6 @@ def coerce(name: str, value: Any) -> Any:
 # ------------------------------------------------------------------------- LLaMA-Factory's own names
 
 
-class TrainingEnvUnavailable(RuntimeError):
-    """The training environment could not say what LLaMA-Factory knows (missing, broken, too slow)."""
-
-
 def llamafactory_cache_file(train_python: str, what: str) -> Path | None:
     """A cache file in the data dir for an answer of the training env, named after its llamafactory
     dist-info so that an upgrade asks again (None when llamafactory is not installed there)."""
@@ -272,25 +266,14 @@ _argument_names_lock = threading.Lock()
 def argument_names(train_python: str) -> frozenset[str]:
     """Every key `llamafactory-cli train` accepts (its five argument dataclasses, transformers'
     Seq2SeqTrainingArguments included): asked once per installed LLaMA-Factory version, then read
-    from a cache file. Raises TrainingEnvUnavailable."""
+    from a cache file. Raises train_env.TrainEnvError."""
     with _argument_names_lock:
         cache = llamafactory_cache_file(train_python, "train-arguments")
         if cache is not None and cache.exists():
             return frozenset(json.loads(cache.read_text()))
-        try:
-            completed = subprocess.run(
-                [train_python, str(ARGUMENT_NAMES_SCRIPT)], capture_output=True, text=True, check=False,
-                timeout=ARGUMENT_NAMES_TIMEOUT_S, env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},
-            )
-        except FileNotFoundError:
-            raise TrainingEnvUnavailable(f"the training environment is missing ({train_python})") from None
-        except subprocess.TimeoutExpired:
-            raise TrainingEnvUnavailable("the training environment took too long to list its arguments") from None
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-        if completed.returncode != 0 or not lines:
-            tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
-            raise TrainingEnvUnavailable(f"the training environment could not list its arguments: {tail}")
-        names = sorted(json.loads(lines[-1])["names"])
+        answer = train_env.run_script("train_arg_names.py", python=train_python, timeout_s=ARGUMENT_NAMES_TIMEOUT_S,
+                                      what="listing LLaMA-Factory's arguments")
+        names = sorted(answer["names"])
         if cache is not None:
             cache.write_text(json.dumps(names))
         return frozenset(names)

@@ -219,11 +219,9 @@ def start_run(
         raise RunError(f"this run {problem}")
 
     config_service.freeze(session, config)
-    # A CPU run trains in fp32 (transformers refuses bf16/fp16 without a GPU).
-    cpu_overrides = {key: False for key in ("bf16", "fp16") if gpus == 0 and config.params.get(key)}
     train_yaml = config_service.render_train_yaml(
         config, output_dir=OUTPUT_DIR_PLACEHOLDER, dataset_dir=DATASET_DIR_PLACEHOLDER,
-        dataset_names=[d.name for d in datasets], overrides=cpu_overrides,
+        dataset_names=[d.name for d in datasets], gpus=gpus,
     )
     lineage: dict[str, Any] = {
         "config": {"id": config.id, "name": config.name, "version": config.version},

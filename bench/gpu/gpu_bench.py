@@ -369,7 +369,11 @@ def panel_config(env: Env, shape: str, params: dict[str, Any], gpus: int, name: 
     with Session(get_engine()) as session:
         model = session.exec(select(ModelEntry).where(ModelEntry.path == path)).first()
         if model is None:
-            model = ModelEntry(name=f"{shape}-model", path=path, model_type="qwen2")
+            from app.wire import model_fingerprint
+
+            # The fingerprint: the scheduler sends a run only to a worker that holds this very folder.
+            model = ModelEntry(name=f"{shape}-model", path=path, model_type="qwen2",
+                               fingerprint=model_fingerprint(Path(path)) or "")
             session.add(model)
             session.commit()
         # One upload of the bench data per panel (the app refuses the same file twice).
