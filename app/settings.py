@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     # micro-batch leaves free, the timed steps per probed size, how long a probe may take, and
     # (tests only) probing CPU runs too, under a memory limit in MiB instead of the machine's RAM.
     probe_margin: float = Field(default=0.10, ge=0, lt=1)
-    probe_timed_steps: int = Field(default=2, ge=1)
+    probe_timed_steps: int = Field(default=3, ge=1)
     probe_timeout_s: float = 300.0
     probe_cpu: bool = False
     probe_cpu_memory_mib: float | None = None

@@ -54,6 +54,10 @@ CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 
+# A merged model exported from a run (app/services/exports.py) travels as its artifact "export-N".
+EXPORT_ARTIFACT_PATTERN = re.compile(r"^export-(\d+)$")
+
+
 def checkpoint_step(name: str) -> int | None:
     match = CHECKPOINT_PATTERN.match(name)
     return int(match[1]) if match else None
@@ -156,8 +160,11 @@ class Heartbeat(BaseModel):
     serve_slots: int = 0
     # Registered model folders this worker holds: path → fingerprint (see model_fingerprint).
     models: dict[str, str] = Field(default_factory=dict)
-    # Runs whose folder this worker keeps (the panel answers which of them to forget).
+    # Runs whose folder this worker keeps, and (now and then) what its artifact cache holds: blobs
+    # and folders by content address. The panel answers which of them belong to nothing any more.
     local_runs: list[int] = Field(default_factory=list)
+    cached_blobs: list[str] | None = None
+    cached_folders: list[str] | None = None
     doctor: dict[str, Any] | None = None
     offline: bool = False
 
@@ -171,8 +178,11 @@ class HeartbeatReply(BaseModel):
     doctor_requested: bool = False
     # The registered models, so that the worker can say which of them it holds.
     models: list[ModelRef] = Field(default_factory=list)
-    # Run folders the worker may delete: those runs were deleted on the panel.
+    # What the worker may delete: folders of runs deleted on the panel, and cached blobs and
+    # artifact folders that no stored artifact has any more (deleted runs, retention).
     forget_runs: list[int] = Field(default_factory=list)
+    forget_blobs: list[str] = Field(default_factory=list)
+    forget_folders: list[str] = Field(default_factory=list)
 
 
 MODEL_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -522,3 +532,38 @@ class EvalFinish(BaseModel):
     generate_s: float | None = None
     elapsed_s: float | None = None
     versions: dict[str, str] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- export
+# An export job (app/services/exports.py, workers/export.py): `llamafactory-cli export` merges a
+# run's adapter into its base model; the worker uploads the merged folder as the run's artifact
+# "export-N" (EXPORT_ARTIFACT_PATTERN), and the panel registers it as a model. Claimed with
+# EvalClaim's fields, beats with EvalHeartbeat, as an evaluation does.
+EXPORT_TASK = "tuneboard.export"
+
+
+class ExportTask(BaseModel):
+    export_id: int
+    dispatch_id: str
+    gpu_ids: list[int] = Field(default_factory=list)
+
+
+class ExportSpec(BaseModel):
+    export_id: int
+    run_id: int
+    attempt: int  # the run's attempt the artifact is recorded under
+    artifact_name: str  # export-N
+    base_model_path: str
+    template: str
+    adapter: ArtifactManifest
+    export_size: int = Field(ge=1)  # shard size in GB (LLaMA-Factory's export_size)
+    heartbeat_interval_s: float = RUN_HEARTBEAT_INTERVAL_S
+
+
+class ExportFinish(BaseModel):
+    worker_id: str
+    outcome: Outcome
+    reason: str = ""
+    # Whether the merged folder is in the artifact store as the spec's artifact_name.
+    uploaded: bool = False
+    elapsed_s: float | None = None

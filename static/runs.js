@@ -181,8 +181,10 @@
     const state = { ...data.run };
     function progress(change) {
       Object.assign(state, change);
-      document.getElementById("run-steps").textContent = `${state.current_step}/${state.total_steps || "?"}`;
-      document.getElementById("run-progress-bar").style.width = `${state.percentage}%`;
+      // Until a resumed attempt reports, it stands at its checkpoint's step.
+      const step = timing.reported ? state.current_step : timing.start_step;
+      document.getElementById("run-steps").textContent = `${step}/${state.total_steps || "?"}`;
+      document.getElementById("run-progress-bar").style.width = `${state.total_steps ? (100 * step) / state.total_steps : 0}%`;
       document.getElementById("run-epoch").textContent = Number(state.epoch).toFixed(2);
       const [elapsed, remaining] = times(state, timing);
       document.getElementById("run-elapsed").textContent = duration(elapsed);

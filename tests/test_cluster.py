@@ -197,6 +197,15 @@ def test_a_run_whose_worker_dies_resumes_on_another_host_from_the_stored_checkpo
     assert all(by_step[s].attempt == 2 for s in by_step if s > checkpoint["step"])
     assert all(by_step[s].attempt == 1 for s in by_step if s <= checkpoint["step"])
 
+    # Deleting the run deletes its artifacts everywhere: the panel's store, then host b's run
+    # folder and cached copies, at b's next heartbeats.
+    b_data = panel.log_dir.parent / "b-data"
+    assert list((b_data / "cache" / "blobs").iterdir())
+    assert panel.api.delete(f"/api/v1/runs/{run_id}").status_code == 204
+    wait_for(lambda: not (b_data / "runs" / str(run_id)).exists() and not any((b_data / "cache" / "blobs").iterdir()),
+             "host b to forget the deleted run", 60, panel.logs)
+    assert not any((b_data / "cache" / "artifacts").iterdir())
+
 
 def test_three_runs_on_two_one_slot_workers_never_wait_while_a_worker_is_idle(cluster_panel: ClusterPanel) -> None:
     panel = cluster_panel

@@ -98,6 +98,7 @@ def test_an_active_run_is_refused(client, session, run):
 
 
 # --------------------------------------------------------------------------- rows and the base model
+@pytest.mark.slow
 def test_the_held_out_rows_are_the_ones_llamafactory_holds_out(client, session, run, tiny_model, tmp_path):
     """The split recorded for the evaluation is the eval split LLaMA-Factory's own data pipeline
     builds for the run's YAML (get_dataset with val_size and seed, as training evaluates)."""
@@ -157,12 +158,24 @@ def test_adapters_evaluated_on_the_same_rows_share_one_base_evaluation(client, s
 
 
 # --------------------------------------------------------------------------- the worker channel
+def _online(client, tiny_model: Path, cpu_slots: int, worker: str = "w1") -> None:
+    """A (fake) worker comes online holding the tiny model, with `cpu_slots` CPU training slots."""
+    from app.wire import model_fingerprint
+
+    response = client.post(f"{INTERNAL}/workers/heartbeat", headers=worker_headers(), json={
+        "worker_id": worker, "hostname": "h", "cpu_train_slots": cpu_slots,
+        "models": {str(tiny_model): model_fingerprint(tiny_model)}})
+    assert response.status_code == 200, response.text
+
+
 def _dispatch(session: Session, evaluation_id: int, worker: str = "w1") -> str:
+    """The scheduler's pass dispatches the queued evaluation to the online worker."""
+    from app.services.scheduler import schedule
+
+    schedule(session)  # (or the panel's own pass got there first: the same dispatch)
     evaluation = session.get(Evaluation, evaluation_id)
     session.refresh(evaluation)
-    evaluation.dispatch_id, evaluation.dispatched_worker_id = f"d-{evaluation_id}", worker
-    session.add(evaluation)
-    session.commit()
+    assert evaluation.status == "queued" and evaluation.dispatched_worker_id == worker, evaluation
     return evaluation.dispatch_id
 
 
@@ -182,10 +195,11 @@ def _scores(value: float) -> dict[str, float]:
     return {"bleu-4": value, "rouge-1": value, "rouge-2": value, "rouge-l": value}
 
 
-def test_claim_heartbeat_finish_rows_and_the_promotion_gate(client, session, run):
+def test_claim_heartbeat_finish_rows_and_the_promotion_gate(client, session, run, tiny_model):
     headers = worker_headers()
     evaluation = client.post(f"/api/v1/runs/{run.id}/evaluations", json={"max_rows": 3}).json()
     base_id = evaluation["base"]["id"]
+    _online(client, tiny_model, cpu_slots=2)
     for evaluation_id in (evaluation["id"], base_id):
         dispatch_id = _dispatch(session, evaluation_id)
         wrong = client.post(f"{INTERNAL}/evaluations/{evaluation_id}/claim", headers=headers,
@@ -234,7 +248,7 @@ def test_claim_heartbeat_finish_rows_and_the_promotion_gate(client, session, run
     assert evaluation_service.promotion_problem(session, run.id, "checkpoint-2") is None
 
 
-def test_best_checkpoint_by_eval_loss_or_by_a_metric(client, session, run):
+def test_best_checkpoint_by_eval_loss_or_by_a_metric(client, session, run, tiny_model):
     from app.models import RunMetric
 
     session.add_all([RunMetric(run_id=run.id, step=2, eval_loss=1.5), RunMetric(run_id=run.id, step=4, eval_loss=1.9)])
@@ -243,17 +257,18 @@ def test_best_checkpoint_by_eval_loss_or_by_a_metric(client, session, run):
         "name": "checkpoint-2", "step": 2, "metric": "eval_loss"}
     assert client.get(f"/api/v1/runs/{run.id}/best-checkpoint", params={"metric": "rouge-l"}).status_code == 404
     assert client.get(f"/api/v1/runs/{run.id}/best-checkpoint", params={"metric": "f1"}).status_code == 400
+    _online(client, tiny_model, cpu_slots=3)
     for checkpoint, value in (("checkpoint-2", 5.0), ("checkpoint-4", 7.0)):
         created = client.post(f"/api/v1/runs/{run.id}/evaluations", json={"max_rows": 2, "checkpoint": checkpoint}).json()
-        _dispatch(session, created["id"])
+        dispatch_id = _dispatch(session, created["id"])
         client.post(f"{INTERNAL}/evaluations/{created['id']}/claim", headers=worker_headers(),
-                    json={"dispatch_id": f"d-{created['id']}", "worker_id": "w1"})
+                    json={"dispatch_id": dispatch_id, "worker_id": "w1"})
         _finish(client, created["id"], _scores(value), [{"prompt": "p", "predict": "x", "label": "y"}] * 2)
     best = client.get(f"/api/v1/runs/{run.id}/best-checkpoint", params={"metric": "rouge-l"}).json()
     assert (best["name"], best["value"]) == ("checkpoint-4", 7.0)
 
 
-def test_cancel_a_queued_evaluation_and_a_lost_one(client, session, run):
+def test_cancel_a_queued_evaluation_and_a_lost_one(client, session, run, tiny_model):
     from datetime import timedelta
 
     from app.models.base import utcnow
@@ -263,6 +278,7 @@ def test_cancel_a_queued_evaluation_and_a_lost_one(client, session, run):
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     assert client.post(f"/api/v1/evaluations/{queued['id']}/cancel").status_code == 409
     base_id = queued["base"]["id"]
+    _online(client, tiny_model, cpu_slots=1)
     dispatch_id = _dispatch(session, base_id)
     client.post(f"{INTERNAL}/evaluations/{base_id}/claim", headers=worker_headers(),
                 json={"dispatch_id": dispatch_id, "worker_id": "w1"})
@@ -272,3 +288,39 @@ def test_cancel_a_queued_evaluation_and_a_lost_one(client, session, run):
     # A lost base evaluation is not reused: the next evaluation of those rows queues a new one.
     again = client.post(f"/api/v1/runs/{run.id}/evaluations", json={"max_rows": 2}).json()
     assert again["base"]["id"] != base_id
+
+
+def test_an_evaluation_takes_a_cpu_training_slot_and_waits_for_one(client, session, run, tiny_model):
+    from app.services.scheduler import schedule
+
+    first = client.post(f"/api/v1/runs/{run.id}/evaluations", json={"max_rows": 2}).json()
+    schedule(session)
+    assert session.get(Evaluation, first["id"]).dispatch_id is None  # no worker online yet
+    _online(client, tiny_model, cpu_slots=1)
+    schedule(session)
+    dispatched = [e for e in session.exec(select(Evaluation)).all() if session.refresh(e) or e.dispatch_id]
+    assert len(dispatched) == 1  # one slot: the adapter's and the base model's evaluations take turns
+    # A worker that does not hold the model gets nothing.
+    response = client.post(f"{INTERNAL}/workers/heartbeat", headers=worker_headers(), json={
+        "worker_id": "w2", "hostname": "h2", "cpu_train_slots": 4, "models": {}})
+    assert response.status_code == 200
+    schedule(session)
+    assert all(e.dispatched_worker_id != "w2" for e in session.exec(select(Evaluation)).all())
+
+
+def test_early_stopping_parameters_are_accepted_in_configs(client, session, data_dir):
+    """load_best_model_at_end / metric_for_best_model (transformers) and early_stopping_steps
+    (LLaMA-Factory) go into the YAML llamafactory-cli reads (the live test trains with them)."""
+    from tests.test_configs import _api_body, write_model
+
+    folder = write_model(data_dir.parent / "models", "Qwen2.5-0.5B-Instruct")
+    model = client.post("/api/v1/models", json={"path": str(folder)}).json()
+    dataset = dataset_factory(session, "alpaca_es", alpaca_rows(40))
+    body = _api_body({"model": model, "dataset_id": dataset.id}, val_size=0.2, eval_strategy="steps", eval_steps=4,
+                     save_steps=4, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                     greater_is_better=False, early_stopping_steps=2)
+    created = client.post("/api/v1/configs", json={**body, "name": "early-stop"})
+    assert created.status_code == 201, created.text
+    text = client.get(f"/api/v1/configs/{created.json()['id']}/yaml").text
+    for line in ("load_best_model_at_end: true", "metric_for_best_model: eval_loss", "early_stopping_steps: 2"):
+        assert line in text, text

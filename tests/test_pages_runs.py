@@ -122,6 +122,7 @@ def test_elapsed_and_remaining_carry_across_a_resume(client, session, config, wo
     waiting = client.get(f"/runs/{run_id}").text
     # Not yet reported: the time up to checkpoint-4 (step 4 at 8 s), nothing left to say yet.
     assert text_of(waiting, "run-elapsed") == "8s" and text_of(waiting, "run-remaining") == "—"
+    assert text_of(waiting, "run-steps") == "4/20"  # where it resumes, not where attempt 1 was cancelled
 
     # Steps 5–8 at 1 s a step: LLaMA-Factory says elapsed 4 s, remaining (20 − 8) × 4 / 8 = 6 s.
     report(client, worker_headers, run_id, attempt=2, status="running", progress=progress(8, 20, 4, 6), metrics=[
@@ -132,6 +133,7 @@ def test_elapsed_and_remaining_carry_across_a_resume(client, session, config, wo
     page = client.get(f"/runs/{run_id}").text
     assert text_of(page, "run-elapsed") == "12s"  # 8 s before the resume + 4 s since
     assert text_of(page, "run-remaining") == "12s"  # 12 steps left at this attempt's 1 s a step
+    assert text_of(page, "run-steps") == "8/20"
     timing = json.loads(re.search(r"data-timing='([^']+)'", page).group(1))
     assert timing == {"attempt": 2, "start_step": 4, "elapsed_before_s": 8.0, "tokens_before": 400, "reported": True}
     points = {p["step"]: p for p in page_data(page)["metrics"]}

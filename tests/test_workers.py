@@ -102,3 +102,33 @@ def test_doctor_cli_reports_this_machine(data_dir) -> None:
     assert all(check["fix"] for check in checks.values() if check["status"] != "ok")
     assert report["facts"]["arch"] and report["facts"]["free_disk_gib"] > 0
     assert "llamafactory" in report["facts"]["training_env"]["packages"]
+
+
+def test_a_heartbeat_tells_the_worker_what_to_forget(client, session, tmp_path) -> None:
+    """Folders of deleted runs, and cached blobs and artifact folders no stored artifact has any more."""
+    from app.models import ArtifactFile, RunArtifact
+    from tests.factories import run_config_factory
+    from workers.artifacts import cached_content, forget_cached
+
+    config = run_config_factory(session)
+    run_id = client.post("/api/v1/runs", json={"config_id": config.id}).json()["id"]
+    kept_blob, gone_blob, kept_folder, gone_folder = "a" * 64, "b" * 64, "c" * 64, "d" * 64
+    artifact = RunArtifact(run_id=run_id, name="adapter", attempt=1, digest=kept_folder, size=1)
+    session.add(artifact)
+    session.flush()
+    session.add(ArtifactFile(artifact_id=artifact.id, path="adapter_model.safetensors", sha256=kept_blob, size=1))
+    session.commit()
+    reply = _beat(client, local_runs=[run_id, 424242], cached_blobs=[kept_blob, gone_blob],
+                  cached_folders=[kept_folder, gone_folder]).json()
+    assert (reply["forget_runs"], reply["forget_blobs"], reply["forget_folders"]) == ([424242], [gone_blob], [gone_folder])
+
+    cache = tmp_path / "cache"
+    for name in (kept_blob, gone_blob, "not-a-digest"):
+        (cache / "blobs").mkdir(parents=True, exist_ok=True)
+        (cache / "blobs" / name).write_bytes(b"x")
+    for name in (kept_folder, gone_folder):
+        (cache / "artifacts" / name).mkdir(parents=True)
+    assert cached_content(cache) == ([kept_blob, gone_blob], [kept_folder, gone_folder])
+    forget_cached(cache, reply["forget_blobs"] + ["../../etc"], reply["forget_folders"])
+    assert cached_content(cache) == ([kept_blob], [kept_folder])
+    assert (cache / "blobs" / "not-a-digest").exists()

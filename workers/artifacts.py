@@ -28,6 +28,7 @@ import httpx
 from app.wire import (
     ADAPTER_ARTIFACT,
     CHECKPOINT_COMPLETE_MARKER,
+    CHECKPOINT_PATTERN,
     ArtifactManifest,
     ArtifactRecord,
     FileEntry,
@@ -247,7 +248,7 @@ def upload_folder(
 ) -> ArtifactManifest:
     """Upload `folder` as the run's artifact `name` (ADAPTER_ARTIFACT or checkpoint-N): every blob
     the store lacks, then the manifest. Returns the manifest recorded."""
-    if name != ADAPTER_ARTIFACT and not (folder / CHECKPOINT_COMPLETE_MARKER).is_file():
+    if CHECKPOINT_PATTERN.match(name) and not (folder / CHECKPOINT_COMPLETE_MARKER).is_file():
         raise ArtifactTransferError(f"{folder} has no {CHECKPOINT_COMPLETE_MARKER} yet: the checkpoint is incomplete")
     entries: list[FileEntry] = []
     sources: dict[str, tuple[Path, int]] = {}
@@ -411,3 +412,25 @@ def materialize_into(manifest: ArtifactManifest, cache_dir: Path, destination: P
         shutil.rmtree(building, ignore_errors=True)
         shutil.rmtree(replaced, ignore_errors=True)
     return destination
+
+
+# --------------------------------------------------------------------------- the cache's upkeep
+def _is_content_address(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def cached_content(cache_dir: Path) -> tuple[list[str], list[str]]:
+    """The blobs and folder digests this machine's artifact cache holds (for the heartbeat)."""
+    def names(folder: Path) -> list[str]:
+        return sorted(p.name for p in folder.iterdir() if _is_content_address(p.name)) if folder.is_dir() else []
+
+    return names(cache_dir / "blobs"), names(cache_dir / "artifacts")
+
+
+def forget_cached(cache_dir: Path, blobs: list[str], folders: list[str]) -> None:
+    """Delete cached copies the panel no longer stores (their runs were deleted, or retention
+    dropped them). Names are checked, so nothing outside the cache can be named."""
+    for digest in filter(_is_content_address, folders):
+        shutil.rmtree(cache_dir / "artifacts" / digest, ignore_errors=True)
+    for sha256 in filter(_is_content_address, blobs):
+        (cache_dir / "blobs" / sha256).unlink(missing_ok=True)

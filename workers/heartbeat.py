@@ -18,6 +18,7 @@ from celery.signals import worker_ready, worker_shutting_down
 
 from app.settings import Settings, get_settings
 from app.wire import GpuInfo, Heartbeat, HeartbeatReply, ModelRef, model_fingerprint
+from workers import artifacts
 from workers.doctor import run_doctor
 from workers.gpus import gpu_stats, worker_gpu_indices
 from workers.reporter import AppUnavailable, Reporter
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # New at each start of this process: the panel tells a restarted worker from a live one by it.
 INSTANCE_ID = uuid.uuid4().hex
+# The artifact cache's content goes with every this-many heartbeats (the first one included).
+CACHE_REPORT_EVERY = 12
 
 
 def advertise_host(settings: Settings) -> str:
@@ -68,6 +71,7 @@ class HeartbeatSender:
         self._stop = threading.Event()
         self._doctor: dict | None = None
         self._doctor_sent = False
+        self._beats = 0
         self._thread = threading.Thread(target=self._loop, name="tuneboard-heartbeat", daemon=True)
 
     def start(self) -> None:
@@ -100,6 +104,10 @@ class HeartbeatSender:
 
     def _payload(self, *, offline: bool = False) -> Heartbeat:
         gpus = gpu_stats(self.gpu_indices) if self.gpu_indices else []
+        cached_blobs = cached_folders = None
+        if self._beats % CACHE_REPORT_EVERY == 0:
+            cached_blobs, cached_folders = artifacts.cached_content(self.settings.resolved_data_dir / "cache")
+        self._beats += 1
         return Heartbeat(
             worker_id=self.worker_id,
             instance_id=INSTANCE_ID,
@@ -111,6 +119,8 @@ class HeartbeatSender:
             serve_slots=self.settings.worker_serve_slots,
             models=self._models_held(),
             local_runs=self._local_runs(),
+            cached_blobs=cached_blobs,
+            cached_folders=cached_folders,
             doctor=self._doctor if not self._doctor_sent else None,
             offline=offline,
         )
@@ -136,6 +146,8 @@ class HeartbeatSender:
                     models_changed = reply.models != self._registered_models
                     self._registered_models = reply.models
                     self._forget(reply.forget_runs)
+                    artifacts.forget_cached(self.settings.resolved_data_dir / "cache", reply.forget_blobs,
+                                            reply.forget_folders)
                     if reply.doctor_requested:
                         threading.Thread(target=self._refresh_doctor, daemon=True).start()
                     if models_changed:

@@ -9,8 +9,9 @@ from typing import Any
 
 from celery import Task
 
-from app.wire import DEFAULT_QUEUE, EVAL_TASK, PING_TASK, TRAIN_TASK, EvalTask, TrainTask
+from app.wire import DEFAULT_QUEUE, EVAL_TASK, EXPORT_TASK, PING_TASK, TRAIN_TASK, EvalTask, ExportTask, TrainTask
 from workers import evaluation, training
+from workers import export as export_job
 from workers.celery_app import celery_app
 from workers.heartbeat import INSTANCE_ID
 
@@ -36,3 +37,10 @@ def evaluate(self: Task, task: dict[str, Any]) -> str:
     """Run one dispatched evaluation (see workers/evaluation.py); a redelivered one is not claimable."""
     return evaluation.evaluate(EvalTask.model_validate(task), worker_id=self.request.hostname or "worker",
                                instance_id=INSTANCE_ID)
+
+
+@celery_app.task(name=EXPORT_TASK, bind=True)
+def export(self: Task, task: dict[str, Any]) -> str:
+    """Merge one dispatched export (see workers/export.py); a redelivered one is not claimable."""
+    return export_job.export(ExportTask.model_validate(task), worker_id=self.request.hostname or "worker",
+                             instance_id=INSTANCE_ID)

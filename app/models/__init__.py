@@ -6,6 +6,7 @@ from app.models.config import TrainConfig, TrainConfigPublic
 from app.models.dataset import Dataset, DatasetPublic, DatasetUpdate
 from app.models.deployment import Deployment, DeploymentStatus, InferenceServer
 from app.models.evaluation import Evaluation, EvaluationStatus
+from app.models.export import ModelExport
 from app.models.model_entry import ModelEntry, ModelEntryCreate, ModelEntryPublic
 from app.models.run import Run, RunEvent, RunLogLine, RunMetric, RunPublic, RunStatus
 from app.models.user import ApiToken, User
@@ -27,6 +28,7 @@ __all__ = [
     "ModelEntry",
     "ModelEntryCreate",
     "ModelEntryPublic",
+    "ModelExport",
     "Run",
     "RunArtifact",
     "RunArtifactPublic",

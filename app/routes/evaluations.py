@@ -1,4 +1,4 @@
-"""Evaluations: the JSON API under /api/v1, the evaluations of a run's page, and the worker
+"""Evaluations and exports: the JSON API under /api/v1, the evaluations of a run's page, and the worker
 channel (claim, heartbeat, rows, predictions, finish). Thin: app/services/evaluations.py decides."""
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pydantic import BaseModel, Field
 
 from app.db import SessionDep
 from app.services import evaluations as service
+from app.services import exports as export_service
+from app.services.runs import stream_zip
 from app.templating import render
-from app.wire import EvalClaim, EvalFinish, EvalHeartbeat, EvalReply, EvalSpec
+from app.wire import EvalClaim, EvalFinish, EvalHeartbeat, EvalReply, EvalSpec, ExportFinish, ExportSpec
 
 router = APIRouter(tags=["evaluations-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["evaluations"])
@@ -152,4 +154,52 @@ def predictions(evaluation_id: int, session: SessionDep, worker_id: Annotated[st
 @internal_router.post("/evaluations/{evaluation_id}/finish")
 def finish(evaluation_id: int, payload: EvalFinish, session: SessionDep) -> dict[str, Any]:
     _call(lambda: service.finish(session, evaluation_id, payload))
+    return {}
+
+
+# --------------------------------------------------------------------------- exports (merged models)
+class ExportCreate(BaseModel):
+    checkpoint: str | None = Field(default=None, max_length=200)
+    export_size: int = Field(default=5, ge=1, le=100)  # shard size in GB
+
+
+@api_router.post("/runs/{run_id}/exports", status_code=201)
+def export_run(run_id: int, payload: ExportCreate, session: SessionDep) -> dict[str, Any]:
+    """Merge the run's final adapter (`checkpoint` null) or a stored checkpoint into its base model
+    (`llamafactory-cli export` on a worker); the merged model is registered as a model (`model_id`)."""
+    return export_service.public(_call(lambda: export_service.create(
+        session, run_id, checkpoint=payload.checkpoint, export_size=payload.export_size)))
+
+
+@api_router.get("/exports/{export_id}")
+def get_export(export_id: int, session: SessionDep) -> dict[str, Any]:
+    return export_service.public(_call(lambda: export_service.get_export(session, export_id)))
+
+
+@api_router.post("/exports/{export_id}/cancel")
+def cancel_export(export_id: int, session: SessionDep) -> dict[str, Any]:
+    return export_service.public(_call(lambda: export_service.cancel(session, export_id)))
+
+
+@api_router.get("/exports/{export_id}/download")
+def download_export(export_id: int, session: SessionDep) -> StreamingResponse:
+    """The merged model as a zip (safetensors, config, tokenizer, the Ollama Modelfile)."""
+    manifest = _call(lambda: export_service.merged_manifest(session, export_id))
+    return StreamingResponse(stream_zip(manifest), media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="export-{export_id}.zip"'})
+
+
+@internal_router.post("/exports/{export_id}/claim")
+def claim_export(export_id: int, payload: EvalClaim, session: SessionDep) -> ExportSpec:
+    return _call(lambda: export_service.claim(session, export_id, payload))
+
+
+@internal_router.post("/exports/{export_id}/heartbeat")
+def export_heartbeat(export_id: int, payload: EvalHeartbeat, session: SessionDep) -> EvalReply:
+    return EvalReply(cancel=_call(lambda: export_service.heartbeat(session, export_id, payload)))
+
+
+@internal_router.post("/exports/{export_id}/finish")
+def finish_export(export_id: int, payload: ExportFinish, session: SessionDep) -> dict[str, Any]:
+    _call(lambda: export_service.finish(session, export_id, payload))
     return {}

@@ -39,6 +39,8 @@ from app.settings import get_settings
 from app.wire import (
     ADAPTER_ARTIFACT,
     CHECKPOINT_COMPLETE_MARKER,
+    CHECKPOINT_PATTERN,
+    EXPORT_ARTIFACT_PATTERN,
     SHA256_PATTERN,
     ArtifactManifest,
     ArtifactRecord,
@@ -493,7 +495,7 @@ def commit_session(upload_id: str, sha256: str) -> UploadState:
 def _check_manifest(manifest: ArtifactManifest) -> int | None:
     """The step to record; refuses what cannot be materialized as a folder."""
     step = checkpoint_step(manifest.name)
-    if manifest.name != ADAPTER_ARTIFACT and step is None:
+    if manifest.name != ADAPTER_ARTIFACT and step is None and not EXPORT_ARTIFACT_PATTERN.match(manifest.name):
         raise ArtifactInvalid(f"artifact name {manifest.name!r} is neither {ADAPTER_ARTIFACT!r} nor checkpoint-N")
     if step is not None and manifest.step not in (None, step):
         raise ArtifactInvalid(f"artifact {manifest.name!r} says step {manifest.step}")
@@ -599,7 +601,7 @@ def _best_checkpoint(session: Session, checkpoints: list[RunArtifact]) -> RunArt
 
 def _retain(session: Session, run_id: int) -> set[str]:
     """Delete the checkpoints retention does not keep; returns the blobs they held."""
-    checkpoints = [a for a in list_artifacts(session, run_id) if a.name != ADAPTER_ARTIFACT]
+    checkpoints = [a for a in list_artifacts(session, run_id) if CHECKPOINT_PATTERN.match(a.name)]
     newest = sorted(checkpoints, key=lambda a: a.step, reverse=True)[: get_settings().keep_checkpoints]
     kept = {a.id for a in newest}
     best = _best_checkpoint(session, checkpoints)
@@ -631,6 +633,16 @@ def delete_run_artifacts(session: Session, run_id: int) -> None:
     session.exec(delete(RunArtifact).where(RunArtifact.run_id == run_id))
     session.commit()
     collect_garbage(session, freed)
+
+
+def unreferenced(session: Session, blobs: Collection[str], folders: Collection[str]) -> tuple[list[str], list[str]]:
+    """Of the blobs and folder digests a worker's cache holds, those no stored artifact has any more:
+    their runs were deleted or retention dropped them, so the worker deletes its copies too."""
+    kept_blobs = set(session.exec(select(ArtifactFile.sha256).where(col(ArtifactFile.sha256).in_(blobs))).all()) \
+        if blobs else set()
+    kept_folders = set(session.exec(select(RunArtifact.digest).where(col(RunArtifact.digest).in_(folders))).all()) \
+        if folders else set()
+    return sorted(set(blobs) - kept_blobs), sorted(set(folders) - kept_folders)
 
 
 def collect_garbage(session: Session, freed: Collection[str] = ()) -> list[str]:

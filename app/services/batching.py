@@ -134,8 +134,9 @@ def packs(args: dict[str, Any]) -> bool:
 
 
 def seq_len(args: dict[str, Any]) -> int:
-    """The sequence length a full micro-batch has: LLaMA-Factory packs into cutoff_len + 1 tokens."""
-    return cutoff_len(args) + 1 if packs(args) else cutoff_len(args)
+    """The sequence length of a full micro-batch: cutoff_len (LLaMA-Factory packs rows of up to
+    cutoff_len - 1 tokens into sequences padded to cutoff_len; unpacked, the longest row)."""
+    return cutoff_len(args)
 
 
 def step_per_device(args: dict[str, Any]) -> int:
@@ -515,17 +516,18 @@ def _token_lengths(session: Session, dataset_ids: list[int], model_id: int | Non
 
 
 def packed_share(lengths: list[int], cutoff: int) -> float:
-    """Packs per row: LLaMA-Factory's greedy knapsack on the measured lengths (truncated to
-    cutoff_len), in its map batches of PACKING_CHUNK rows."""
+    """Packs per row: LLaMA-Factory's greedy knapsack on the measured lengths, in its map batches of
+    PACKING_CHUNK rows (with packing it lowers cutoff_len by one: rows are cut to it, packs hold it)."""
     if not lengths:
         return 0.0
     import bisect
 
+    capacity = max(1, cutoff - 1)
     total = 0
     for start in range(0, len(lengths), PACKING_CHUNK):
-        numbers = sorted(min(n, cutoff) for n in lengths[start:start + PACKING_CHUNK])
+        numbers = sorted(min(n, capacity) for n in lengths[start:start + PACKING_CHUNK])
         while numbers:
-            room = cutoff
+            room = capacity
             while True:
                 index = bisect.bisect(numbers, room) - 1
                 if index < 0:
@@ -633,11 +635,15 @@ def speed_estimate(session: Session, *, model_id: int | None, dataset_ids: list[
         past_step = (session.get(Run, latest["run_id"]).batch_plan or {}).get("step") or step
         step_s = latest["step_s"] * step / past_step
     if predicted is not None:
-        source = source or f"probe {probe.id} on {probe.gpu_name}"
         peak = peak or predicted["peak_reserved_mib"]
         if step_s is None:
             fb = predicted["fb_s"] * (1.0 if packs(args) else padded_share(lengths, cutoff, micro))
             step_s = accumulation * fb + microbatch.optimizer_step_s(_measurements(probe))
+            factor, runs = probe_calibration(session, device)
+            source = f"probe {probe.id} on {probe.gpu_name}"
+            if factor is not None:
+                step_s *= factor
+                source += f", × {factor:.2f} (what {runs} past run(s) here measured ÷ what their probe predicted)"
     config = model_config(model.path)
     if source is None and config is not None and device != "cpu":
         source = "formula (rough: no probe or past run of this model, settings and GPU yet)"
@@ -666,6 +672,27 @@ def speed_estimate(session: Session, *, model_id: int | None, dataset_ids: list[
                       tokens_per_s=round(step * world * length / step_s) if packs(args) else None)
     result["accuracy"] = accuracy(session, device)
     return result
+
+
+def probe_calibration(session: Session, device: str) -> tuple[float | None, int]:
+    """The median of measured ÷ probe-predicted time per optimizer step over past runs on this device:
+    a probe times a few steps in a process of its own, a run's steady loop overlaps more."""
+    rows = session.exec(
+        select(Run.batch_plan).where(col(Run.status).in_([RunStatus.succeeded, RunStatus.cancelled]))
+        .order_by(col(Run.id).desc()).limit(HISTORY_RUNS)
+    ).all()
+    ratios = []
+    for plan in rows:
+        plan = plan or {}
+        predicted, measured = (plan.get("predicted") or {}).get("step_s"), (plan.get("measured") or {}).get("step_s")
+        if plan.get("device") == device and predicted and measured and not plan.get("fallback"):
+            ratios.append(min(2.0, max(0.5, measured / predicted)))
+        if len(ratios) >= ACCURACY_RUNS:
+            break
+    if not ratios:
+        return None, 0
+    ratios.sort()
+    return ratios[len(ratios) // 2], len(ratios)
 
 
 def _eval_s(base: dict[str, Any], params: dict[str, Any], step_s: float, step: int, steps_per_epoch: int) -> float:

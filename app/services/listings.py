@@ -158,4 +158,14 @@ def adapter_choices(session: Session, run: RunChoice) -> list[tuple[str, str]]:
     names = set(session.exec(select(RunArtifact.name).where(RunArtifact.run_id == run.id)).all())
     choices = [("", "final adapter")] if run.status == RunStatus.succeeded and ADAPTER_ARTIFACT in names else []
     checkpoints = sorted((n for n in names if checkpoint_step(n) is not None), key=checkpoint_step, reverse=True)
-    return choices + [(name, f"{name} (step {checkpoint_step(name):,})") for name in checkpoints]
+    listed = choices + [(name, f"{name} (step {checkpoint_step(name):,})") for name in checkpoints]
+    # The best checkpoint (lowest eval loss, the one retention keeps) is offered first among the
+    # checkpoints, right after the final adapter of a succeeded run (the default the pages keep).
+    from app.services import artifacts as artifact_service
+
+    stored = [a for a in artifact_service.list_artifacts(session, run.id) if checkpoint_step(a.name) is not None]
+    best = artifact_service._best_checkpoint(session, stored)
+    if best is None:
+        return listed
+    others = [choice for choice in listed[len(choices):] if choice[0] != best.name]
+    return choices + [(best.name, f"{best.name} (step {best.step:,}) — best: lowest eval loss")] + others

@@ -699,6 +699,11 @@ def checkpoints_of(session: Session, run: Run) -> list[dict[str, Any]]:
     for step, checkpoint in found.items():
         earlier = [loss for eval_step, loss in evals if eval_step <= step]
         checkpoint["eval_loss"] = earlier[-1] if earlier else None
+    # The best stored checkpoint by eval loss: the one retention keeps (and Deploy offers first).
+    best = artifact_service._best_checkpoint(session, [
+        a for a in artifact_service.list_artifacts(session, run.id) if CHECKPOINT_PATTERN.match(a.name)])
+    for checkpoint in found.values():
+        checkpoint["best"] = best is not None and checkpoint["name"] == best.name and checkpoint["stored"]
     return [found[step] for step in sorted(found)]
 
 

@@ -36,6 +36,7 @@ from app.models.deployment import DeploymentStatus
 from app.models.run import RunPriority
 from app.services import deployments as deployment_service
 from app.services import evaluations as evaluation_service
+from app.services import exports as export_service
 from app.services.broker import kick_scheduler, scheduler_kicked
 from app.services import runs as run_service
 from app.services.workers import is_online
@@ -146,12 +147,13 @@ def schedule(session: Session, now: datetime | None = None) -> int:
         workers = session.exec(select(Worker)).all()
         online = {w.id: w for w in workers if is_online(w, now)}
         _release_stale_dispatches(session, online, now)
-        evaluation_service.release_stale_dispatches(session, set(online), now)
+        for jobs in JOB_SERVICES:
+            jobs.release_stale_dispatches(session, set(online), now)
         rooms = _rooms(session, online)
         model_names = {path: name for path, name in session.exec(select(ModelEntry.path, ModelEntry.name))}
         dispatched = _place_servers(session, rooms, model_names)
         dispatched += _place_runs(session, rooms, model_names)
-        dispatched += _place_evaluations(session, rooms)
+        dispatched += _place_jobs(session, rooms)
         return dispatched
 
 
@@ -206,14 +208,15 @@ def _rooms(session: Session, online: dict[str, Worker]) -> dict[str, Room]:
         room.free_gpus = [g for g in room.free_gpus if g not in server.gpu_ids]
         room.free_serve_slots -= 1
         room.serving.append(Holder(f"server {server.id}", server.gpu_ids))
-    for evaluation in evaluation_service.holding(session):  # an evaluation holds what a run would
-        room = rooms.get(evaluation.worker_id or evaluation.dispatched_worker_id or "")
-        if room is None:
-            continue
-        room.free_gpus = [g for g in room.free_gpus if g not in evaluation.gpu_ids]
-        if not evaluation.gpus_requested:
-            room.free_cpu_slots -= 1
-        room.training.append(Holder(f"evaluation {evaluation.id}", evaluation.gpu_ids))
+    for jobs in JOB_SERVICES:  # an evaluation or an export holds what a run would
+        for job in jobs.holding(session):
+            room = rooms.get(job.worker_id or job.dispatched_worker_id or "")
+            if room is None:
+                continue
+            room.free_gpus = [g for g in room.free_gpus if g not in job.gpu_ids]
+            if not job.gpus_requested:
+                room.free_cpu_slots -= 1
+            room.training.append(Holder(f"{JOB_LABELS[jobs]} {job.id}", job.gpu_ids))
     return rooms
 
 
@@ -270,24 +273,31 @@ def _place_runs(session: Session, rooms: dict[str, Room], model_names: dict[str,
     return run_service.dispatch_runs(session, choices) if choices else 0
 
 
-def _place_evaluations(session: Session, rooms: dict[str, Room]) -> int:
-    """Queued evaluations, oldest first, after the runs of the pass: each takes a CPU training
-    slot or its GPU on a worker that holds its model."""
-    choices = []
-    for evaluation in evaluation_service.waiting(session):
-        gpus = evaluation.gpus_requested
-        holders = [room for room in rooms.values() if evaluation.model_path in room.models]
-        room = _best_fit(holders, lambda r: r.fits_run(gpus), lambda r: r.spare_after_run(gpus))
-        if room is None:
-            continue
-        taken = sorted(room.free_gpus)[:gpus]
-        if gpus:
-            room.free_gpus = [g for g in room.free_gpus if g not in taken]
-        else:
-            room.free_cpu_slots -= 1
-        room.training.append(Holder(f"evaluation {evaluation.id}", taken))
-        choices.append((evaluation, room.name, taken))
-    return evaluation_service.dispatch(session, choices) if choices else 0
+# Jobs scheduled like a run after the runs of each pass (evaluations, then exports): each takes a
+# CPU training slot or its GPU on a worker that holds its model.
+JOB_SERVICES = (evaluation_service, export_service)
+JOB_LABELS = {evaluation_service: "evaluation", export_service: "export"}
+
+
+def _place_jobs(session: Session, rooms: dict[str, Room]) -> int:
+    dispatched = 0
+    for jobs in JOB_SERVICES:
+        choices = []
+        for job in jobs.waiting(session):  # oldest first
+            gpus = job.gpus_requested
+            holders = [room for room in rooms.values() if job.model_path in room.models]
+            room = _best_fit(holders, lambda r: r.fits_run(gpus), lambda r: r.spare_after_run(gpus))
+            if room is None:
+                continue
+            taken = sorted(room.free_gpus)[:gpus]
+            if gpus:
+                room.free_gpus = [g for g in room.free_gpus if g not in taken]
+            else:
+                room.free_cpu_slots -= 1
+            room.training.append(Holder(f"{JOB_LABELS[jobs]} {job.id}", taken))
+            choices.append((job, room.name, taken))
+        dispatched += jobs.dispatch(session, choices) if choices else 0
+    return dispatched
 
 
 def run_model_path(run: Any) -> str:
@@ -354,8 +364,9 @@ def _sweep_once() -> None:
         for run_id in run_service.mark_lost_runs(session):
             log.warning("run %s is lost: its worker went silent", run_id)
         deployment_service.expire_silent_servers(session)
-        for evaluation_id in evaluation_service.mark_lost(session):
-            log.warning("evaluation %s is lost: its worker went silent", evaluation_id)
+        for jobs in JOB_SERVICES:
+            for job_id in jobs.mark_lost(session):
+                log.warning("%s %s is lost: its worker went silent", JOB_LABELS[jobs], job_id)
 
 
 @asynccontextmanager

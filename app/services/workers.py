@@ -21,7 +21,7 @@ def record_heartbeat(session: Session, heartbeat: Heartbeat) -> HeartbeatReply:
     means the previous one died: what it ran is lost. The reply lists the registered models
     (the worker says which it holds), whether a doctor report is wanted, and which of the
     worker's run folders belong to deleted runs."""
-    from app.services import deployments, runs
+    from app.services import artifacts, deployments, runs  # (they import this module)
 
     now = utcnow()
     worker = session.get(Worker, heartbeat.worker_id)
@@ -54,11 +54,15 @@ def record_heartbeat(session: Session, heartbeat: Heartbeat) -> HeartbeatReply:
     if appeared or restarted or heartbeat.offline:
         kick_scheduler()
     known = set(session.exec(select(Run.id).where(col(Run.id).in_(heartbeat.local_runs))).all())
+    forget_blobs, forget_folders = artifacts.unreferenced(
+        session, heartbeat.cached_blobs or [], heartbeat.cached_folders or [])
     return HeartbeatReply(
         doctor_requested=doctor_requested,
         models=[ModelRef(path=path, fingerprint=fingerprint) for path, fingerprint in
                 session.exec(select(ModelEntry.path, ModelEntry.fingerprint)).all() if fingerprint],
         forget_runs=sorted(set(heartbeat.local_runs) - known),
+        forget_blobs=forget_blobs,
+        forget_folders=forget_folders,
     )
 
 

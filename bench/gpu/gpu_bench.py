@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -496,9 +497,10 @@ def auto_run(env: Env, panel, config_id: int, shape: str, share: float, timeout_
     return result, run_dir
 
 
-def seed_oversized_split(panel, config_id: int, micro: int) -> None:
-    """The fallback demonstration: the probe cache entry of this config's key is told that `micro`
-    fits (it does not), so that the run really runs out of memory at its first step."""
+def seed_oversized_split(smoke: bool) -> int:
+    """The fallback demonstration: the newest probe cache entry is told that a micro-batch M fits
+    when, by its own measurements, M needs 1.3× the GPU's memory and M / 2 fits well. A run of M
+    sequences per step then really runs out of memory at its first step. Returns M."""
     from sqlmodel import Session, select
 
     from app.db import get_engine
@@ -507,11 +509,19 @@ def seed_oversized_split(panel, config_id: int, micro: int) -> None:
     with Session(get_engine()) as session:
         probe = session.exec(select(BatchProbe).order_by(BatchProbe.id.desc())).first()
         fitted = [m for m in probe.measurements if m.get("ok")]
-        last = fitted[-1]
+        last, prev = fitted[-1], fitted[-2]
+        slope = (last["peak_reserved_mib"] - prev["peak_reserved_mib"]) / (last["micro"] - prev["micro"])
+        budget = probe.total_mib * 0.9 - probe.overhead_mib
+        # The smallest even M that needs 1.25× the GPU; M / 2 (where it falls back) must fit.
+        micro = 8 if smoke else 2 * math.ceil((1.25 * probe.total_mib - probe.base_mib) / slope / 2)
+        if not smoke and probe.base_mib + micro // 2 * slope > budget:
+            log(f"fallback: {micro // 2} would not fit either (slope {slope:.0f} MiB): no demonstration")
         probe.measurements = [*probe.measurements, {**last, "micro": micro, "peak_reserved_mib": probe.total_mib * 0.5,
                                                     "fb_s": last["fb_s"] * micro / last["micro"]}]
         session.add(probe)
         session.commit()
+        log(f"fallback: the cache now says {micro} fits (slope {slope:.0f} MiB per sequence, base {probe.base_mib:.0f})")
+        return micro
 
 
 def phase_auto(env: Env, shapes: list[str], timeout_s: float, fallback: bool) -> None:
@@ -545,11 +555,10 @@ def phase_auto(env: Env, shapes: list[str], timeout_s: float, fallback: bool) ->
         env.save("batch_probes", panel.api.get("/api/v1/batch-probes").json())
         if fallback:
             shape = shapes[0]
-            micro = 8 if smoke else 128
-            params = {**RECOMMENDED, "per_device_train_batch_size": micro if not smoke else 2,
-                      "gradient_accumulation_steps": 1 if not smoke else micro // 2, "max_steps": 6 if smoke else 10}
+            micro = seed_oversized_split(smoke)
+            params = {**RECOMMENDED, "per_device_train_batch_size": micro, "gradient_accumulation_steps": 1,
+                      "max_steps": 5}
             config_id = panel_config(env, shape, params, 0 if smoke else 1, f"fallback-{shape}")
-            seed_oversized_split(panel, config_id, micro)
             auto_run(env, panel, config_id, shape, share_for(env, params), timeout_s, f"auto_{shape}_fallback")
     for shape, name, run_dir in direct:
         config = yaml.safe_load((run_dir / "train.yaml").read_text())

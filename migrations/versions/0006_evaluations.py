@@ -1,4 +1,4 @@
-"""evaluations: evaluation jobs of base models and of runs' adapters
+"""evaluations and exports: evaluation jobs of base models and of runs' adapters; merged-model exports
 
 Revision ID: 0006
 Revises: 0005
@@ -66,7 +66,40 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_evaluation_run_id'), ['run_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_evaluation_rows_digest'), ['rows_digest'], unique=False)
         batch_op.create_index(batch_op.f('ix_evaluation_status'), ['status'], unique=False)
+    op.create_table(
+        'model_export',
+        sa.Column('id', sa.Integer(), nullable=False),
+        sa.Column('run_id', sa.Integer(), nullable=False),
+        sa.Column('checkpoint', text(), nullable=True),
+        sa.Column('adapter_digest', text(), nullable=False),
+        sa.Column('model_path', text(), nullable=False),
+        sa.Column('template', text(), nullable=False),
+        sa.Column('export_size', sa.Integer(), nullable=False),
+        sa.Column('status', sa.Enum('queued', 'starting', 'running', 'succeeded', 'failed', 'cancelled', 'lost',
+                                    name='evaluationstatus'), nullable=False),
+        sa.Column('status_reason', text(), nullable=False),
+        sa.Column('gpus_requested', sa.Integer(), nullable=False),
+        sa.Column('dispatch_id', text(), nullable=True),
+        sa.Column('dispatched_worker_id', text(), nullable=True),
+        sa.Column('dispatched_at', sa.DateTime(timezone=True), nullable=True),
+        sa.Column('gpu_ids', sa.JSON(), nullable=False),
+        sa.Column('worker_id', text(), nullable=True),
+        sa.Column('cancel_requested', sa.Boolean(), nullable=False),
+        sa.Column('heartbeat_at', sa.DateTime(timezone=True), nullable=True),
+        sa.Column('model_id', sa.Integer(), nullable=True),
+        sa.Column('size', sa.Integer(), nullable=False),
+        sa.Column('elapsed_s', sa.Float(), nullable=True),
+        sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+        sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
+        sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
+        sa.ForeignKeyConstraint(['run_id'], ['run.id'], ondelete='CASCADE'),
+        sa.PrimaryKeyConstraint('id'),
+    )
+    with op.batch_alter_table('model_export', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_model_export_run_id'), ['run_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_model_export_status'), ['status'], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_table('model_export')
     op.drop_table('evaluation')

@@ -155,7 +155,8 @@ def probe(request: dict[str, Any]) -> dict[str, Any]:
     total_mib, overhead_start = device.totals()
     if request.get("memory_limit_mib"):
         total_mib, overhead_start = float(request["memory_limit_mib"]), 0.0
-    # LLaMA-Factory packs into cutoff_len + 1 tokens; unpacked, the longest row is cutoff_len.
+    # With packing LLaMA-Factory lowers cutoff_len by one and pads each pack to cutoff_len + 1, the
+    # config's cutoff_len; unpacked, the longest row is cutoff_len.
     packing = bool(data_args.packing or data_args.neat_packing)
     seq_len = data_args.cutoff_len + 1 if packing else data_args.cutoff_len
     say(f"model loaded in {load_s:.1f}s: {base_mib:.0f} MiB; {total_mib:.0f} MiB on {device.name}; "
@@ -211,7 +212,8 @@ def probe(request: dict[str, Any]) -> dict[str, Any]:
         opt_s = statistics.median(t[1] for t in times)
         measurements.append({"micro": micro, "ok": True, "peak_allocated_mib": round(allocated, 1),
                              "peak_reserved_mib": round(reserved, 1), "fb_s": round(fb_s, 5),
-                             "opt_s": round(opt_s, 5), "steps": len(times)})
+                             "opt_s": round(opt_s, 5), "steps": len(times),
+                             "times": [[round(a, 5), round(b, 5)] for a, b in times]})
         say(f"micro-batch {micro}: {reserved:.0f} MiB reserved ({allocated:.0f} allocated), "
             f"{fb_s * 1000:.1f} ms forward+backward, {opt_s * 1000:.1f} ms optimizer step, "
             f"{micro * seq_len / fb_s:,.0f} tokens/s")
