@@ -122,6 +122,18 @@ def auth_context(request: Request) -> dict[str, Any]:
 templates.context_processors.append(auth_context)
 
 
+def require_metrics_token(request: Request) -> None:
+    """Prometheus scrapes with a token of its own (TUNEBOARD_METRICS_TOKEN); without one set, the
+    endpoint is off."""
+    token = get_settings().metrics_token
+    if not token:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "metrics are off: set TUNEBOARD_METRICS_TOKEN to enable them")
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "metrics token required",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
 def require_worker(request: Request) -> None:
     """Workers authenticate with the internal token (TUNEBOARD_INTERNAL_TOKEN), never a user's."""
     expected = f"Bearer {get_settings().worker_token}"

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     # A dispatched run or server whose claim has not arrived by then is dispatched again.
     dispatch_timeout_s: float = 30.0
 
+    # The bearer token Prometheus scrapes /metrics with; unset: /metrics is off.
+    metrics_token: str | None = None
+
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 30.0
     # Grace between SIGABRT (LLaMA-Factory saves and stops) and SIGTERM/SIGKILL.

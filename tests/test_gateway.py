@@ -156,7 +156,8 @@ class _SecretServer(BaseHTTPRequestHandler):
             status, answer = 401, {"error": "Unauthorized"}
         else:
             status, answer = 200, {"id": "c1", "object": "chat.completion", "model": body["model"], "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
+                {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 31, "completion_tokens": 1, "total_tokens": 32}}
         raw = json.dumps(answer).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

@@ -10,6 +10,8 @@ official clients raise their usual exceptions. Streams are forwarded chunk by ch
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -21,11 +23,14 @@ from starlette.concurrency import run_in_threadpool
 from app.auth import session_user
 from app.db import SessionDep
 from app.security import CSRF_HEADER, csrf_matches, read_session
+from app.services import metrics
 from app.services.deployments import DeploymentError, gateway_models, resolve_model
 from app.services.users import find_token
 
 router = APIRouter(prefix="/v1", tags=["gateway"])
 
+# The end of a stream kept to find its usage chunk in (the last few events).
+USAGE_TAIL_BYTES = 8192
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                409: "conflict_error", 502: "upstream_error"}
 
@@ -134,30 +139,65 @@ async def completions(request: Request, session: SessionDep):
 
 
 async def _proxy(request: Request, session: SessionDep, path: str, *, prompt_field: str) -> Response:
-    """Forward one request to the model's server: streamed chunk by chunk when it streams."""
+    """Forward one request to the model's server: streamed chunk by chunk when it streams. Each
+    answer is counted per served model (app/services/metrics.py)."""
     routed = await run_in_threadpool(_route, request, session, await request.body(), prompt_field)
     if isinstance(routed, JSONResponse):
         return routed
     route, body = routed
+    started = time.perf_counter()
+
+    def counted(status_code: int, usage: dict[str, Any] | None = None) -> None:
+        metrics.record_gateway_request(route.upstream_model, status_code, time.perf_counter() - started, usage)
+
     client = _client(request)
     upstream = client.build_request("POST", f"{route.url}/v1/{path}", json=body, headers=route.headers)
     try:
         response = await client.send(upstream, stream=True)
     except httpx.HTTPError as error:
+        counted(502)
         return openai_error(502, f"the model's server did not answer: {error!r}")
     if response.status_code == 401:
         # The server refused the panel's secret, not the caller's key: passed through, the
         # caller would read it as "your API key is wrong".
         await response.aclose()
+        counted(502)
         return openai_error(502, "the model's server refused the gateway's credentials (its secret does not "
                                  "match the panel's: restart the deployment)", "upstream_unauthorized")
     if body.get("stream") and response.status_code == 200:
         return StreamingResponse(
-            response.aiter_raw(), media_type="text/event-stream",
+            _relay_counting(response, counted), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             background=BackgroundTask(response.aclose),
         )
     content = await response.aread()
     await response.aclose()
+    counted(response.status_code, _usage(content))
     return Response(content, status_code=response.status_code,
                     media_type=response.headers.get("content-type", "application/json"))
+
+
+async def _relay_counting(response: httpx.Response, counted) -> AsyncIterator[bytes]:
+    """The server's event stream as it comes; the usage of its last chunks (vLLM sends it when
+    asked with stream_options) is counted once the stream ends."""
+    tail = b""
+    try:
+        async for chunk in response.aiter_raw():
+            tail = (tail + chunk)[-USAGE_TAIL_BYTES:]
+            yield chunk
+    finally:
+        usage = None
+        for line in reversed(tail.split(b"\n")):
+            if line.startswith(b"data: {") and b'"usage"' in line:
+                usage = _usage(line.removeprefix(b"data: "))
+                if usage:
+                    break
+        counted(response.status_code, usage)
+
+
+def _usage(content: bytes) -> dict[str, Any] | None:
+    try:
+        usage = json.loads(content).get("usage")
+    except (ValueError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
