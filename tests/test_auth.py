@@ -17,9 +17,9 @@ from app.security import hash_api_token
 from app.services.users import create_user
 from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, log_in, page_csrf_token
 
-# Open to anyone: health, static files, the auth pages. The worker channel (/internal/v1) and
-# the OpenAI-compatible gateway (/v1) check tokens of their own.
-PUBLIC_PREFIXES = ("/healthz", "/static", "/login", "/setup", "/logout", "/internal/v1", "/v1/")
+# Open to anyone: health, static files, the auth pages. The worker channel (/internal/v1), the
+# OpenAI-compatible gateway (/v1) and Prometheus' /metrics (tests/test_metrics.py) check tokens of their own.
+PUBLIC_PREFIXES = ("/healthz", "/static", "/login", "/setup", "/logout", "/internal/v1", "/v1/", "/metrics")
 
 
 def _protected_routes() -> list[tuple[str, str]]:
