@@ -534,6 +534,34 @@ def chat_in_playground(page: Page) -> None:
     expect(page.locator("#pg-chat-adapter .pg-msg.user")).to_have_text(["Spell the number 7 in words."])
     expect(page.locator("#pg-chat-adapter .pg-msg.assistant")).to_have_text([text])
 
+    # Side by side: the base model is given the same history (turn 1 with the adapter's answer).
+    page.check("#pg-compare")
+    expect(page.locator("#pg-chat-base .pg-msg.user")).to_have_text(["Spell the number 7 in words."])
+    expect(page.locator("#pg-chat-base .pg-msg.assistant.replayed")).to_have_text([text])
+    sent: list[dict] = []
+    page.on("request", lambda request: request.url.endswith("/v1/chat/completions") and sent.append(request.post_data_json))
+    page.fill("#pg-input", "And 8?")
+    page.click("#pg-send")
+    expect(stats).to_contain_text("base model: first token in", timeout=SERVE_TIMEOUT_MS)
+    assert len(sent) == 2, sent
+    adapter, base = sorted(sent, key=lambda body: body["model"] != "numbers")
+    assert adapter["messages"] == base["messages"], (adapter["messages"], base["messages"])
+    assert [(m["role"], m["content"]) for m in base["messages"][1:]] == [
+        ("user", "Spell the number 7 in words."), ("assistant", text), ("user", "And 8?")]
+    page.uncheck("#pg-compare")
+
+    # A reply cut off by Stop (long before its 1,500 tokens) says so, and still does after a reload.
+    page.fill("#pg-max-tokens", "1500")
+    page.fill("#pg-input", "Count to a thousand.")
+    page.click("#pg-send")
+    page.click("#pg-stop")
+    last = page.locator("#pg-chat-adapter .pg-msg").last
+    expect(last).to_have_attribute("data-note", "stopped", timeout=SERVE_TIMEOUT_MS)
+    expect(page.locator("#pg-send")).to_be_enabled()
+    page.reload()
+    expect(page.locator("#pg-chat-adapter .pg-msg.assistant").last).to_have_attribute("data-note", "stopped")
+    expect(page.locator("#pg-chat-adapter .pg-msg.user")).to_have_count(3)
+
 
 def undeploy(page: Page, url: str, deployment_id: int) -> None:
     page.goto(url + "/deployments")

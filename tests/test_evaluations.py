@@ -324,3 +324,18 @@ def test_early_stopping_parameters_are_accepted_in_configs(client, session, data
     text = client.get(f"/api/v1/configs/{created.json()['id']}/yaml").text
     for line in ("load_best_model_at_end: true", "metric_for_best_model: eval_loss", "early_stopping_steps: 2"):
         assert line in text, text
+
+
+def test_deleting_the_run_deletes_its_evaluations_and_exports(client, session, run):
+    from app.models import ModelExport
+
+    evaluation = client.post(f"/api/v1/runs/{run.id}/evaluations", json={"max_rows": 2}).json()
+    client.post(f"/api/v1/evaluations/{evaluation['id']}/cancel")
+    export = client.post(f"/api/v1/runs/{run.id}/exports", json={}).json()
+    client.post(f"/api/v1/exports/{export['id']}/cancel")
+    assert client.delete(f"/api/v1/runs/{run.id}").status_code == 204
+    assert client.get(f"/api/v1/evaluations/{evaluation['id']}").status_code == 404
+    assert client.get(f"/api/v1/exports/{export['id']}").status_code == 404
+    # The base model's evaluation of those rows is the model's, not the run's: it stays.
+    assert client.get(f"/api/v1/evaluations/{evaluation['base']['id']}").status_code == 200
+    assert session.exec(select(ModelExport)).all() == []

@@ -1,7 +1,9 @@
-"""End to end: the tiny model trains through the panel (a real Celery worker, real
+"""End to end (issue #17): the tiny model trains through the panel (a real Celery worker, real
 `llamafactory-cli train`), then its held-out rows are evaluated on that worker with both backends:
 LLaMA-Factory's own predict and vLLM's offline engine (CPU), each with the base model's evaluation
-of the same rows beside it; the best checkpoint is read back."""
+of the same rows beside it; the best checkpoint is picked, merged into the base model
+(`llamafactory-cli export`), the merged model served alone on vLLM and chatted with through the
+gateway, and fine-tuned again."""
 
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ def trained_run(panel: LivePanel, tiny_model: Path) -> int:
     with Session(get_engine()) as session:
         config_id = run_config_factory(session, str(tiny_model), rows=40, params={
             "val_size": 0.2, "save_steps": 4, "eval_steps": 4, "num_train_epochs": 1.0, "cutoff_len": 64,
+            # Early stopping as transformers and LLaMA-Factory take it, through the config.
+            "load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False,
+            "early_stopping_steps": 3,
         }).id
     started = panel.api.post("/api/v1/runs", json={"config_id": config_id})
     assert started.status_code == 201, started.text
@@ -54,7 +59,7 @@ def evaluate(panel: LivePanel, run_id: int, **payload: Any) -> tuple[dict[str, A
     return panel.api.get(f"/api/v1/evaluations/{evaluation['id']}").json(), base
 
 
-def test_train_then_evaluate_with_both_backends_and_pick_the_best_checkpoint(live_panel: LivePanel, tiny_model: Path):
+def test_train_evaluate_both_backends_best_checkpoint_merge_serve_merged_and_chat(live_panel: LivePanel, tiny_model: Path):
     panel = live_panel
     run_id = trained_run(panel, tiny_model)
 
@@ -93,18 +98,16 @@ def test_train_then_evaluate_with_both_backends_and_pick_the_best_checkpoint(liv
     jsonl = panel.api.get(f"/api/v1/evaluations/{lf['id']}/rows.jsonl").text.splitlines()
     assert [json.loads(line)["adapter_output"] for line in jsonl] == [r["adapter_output"] for r in lf_rows["rows"]]
 
+    export_serve_chat_and_train_again(panel, run_id, best["name"])
 
-def test_export_the_best_checkpoint_then_generate_with_and_fine_tune_the_merged_model(
-        live_panel: LivePanel, tiny_model: Path):
-    """train → best checkpoint → merge (`llamafactory-cli export` on the worker) → the merged model
-    is a registered model: vLLM generates with it alone (no LoRA), beside the adapter it came from
-    on the same rows, and it trains again."""
+
+def export_serve_chat_and_train_again(panel: LivePanel, run_id: int, best: str) -> None:
+    """merge the best checkpoint (`llamafactory-cli export` on the worker) → the merged model is a
+    registered model: served alone on vLLM it chats through the gateway, vLLM's batch generation
+    with it matches the adapter it came from on the same rows, and it trains again."""
     import io
     import zipfile
 
-    panel = live_panel
-    run_id = trained_run(panel, tiny_model)
-    best = panel.api.get(f"/api/v1/runs/{run_id}/best-checkpoint").json()["name"]
     created = panel.api.post(f"/api/v1/runs/{run_id}/exports", json={"checkpoint": best, "export_size": 1})
     assert created.status_code == 201, created.text
     export = wait_for(panel, f"/api/v1/exports/{created.json()['id']}")
@@ -128,6 +131,29 @@ def test_export_the_best_checkpoint_then_generate_with_and_fine_tune_the_merged_
     assert [r["prompt"] for r in merged_rows] == [r["prompt"] for r in adapter_rows]
     agree = sum(a["adapter_output"] == m["base_output"] for a, m in zip(adapter_rows, merged_rows))
     print(f"merged model vs the LoRA it was merged from (vLLM, greedy): {agree}/6 rows identical")
+
+    # Served alone (no LoRA) on vLLM, the merged model chats through the gateway.
+    served = panel.api.post(f"/api/v1/models/{export['model_id']}/serve", json={"name": "tiny-merged"})
+    assert served.status_code == 201, served.text
+    server_url = f"/api/v1/model-servers/{served.json()['id']}"
+    deadline = time.monotonic() + TIMEOUT_S
+    while (server := panel.api.get(server_url).json())["status"] not in ("ready", "failed", "stopped"):
+        assert time.monotonic() < deadline, f"{server}\n{panel.log()}"
+        time.sleep(0.5)
+    assert server["status"] == "ready", f"{server}\n{panel.log()}"
+    key = panel.api.post("/api/v1/gateway-keys", json={"name": "merged"}).json()["token"]
+    gateway = {"Authorization": f"Bearer {key}"}
+    assert "tiny-merged" in [m["id"] for m in panel.api.get("/v1/models", headers=gateway).json()["data"]]
+    chat = panel.api.post("/v1/chat/completions", headers=gateway, json={
+        "model": "tiny-merged", "messages": [{"role": "user", "content": "你是谁？"}], "max_tokens": 8})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] is not None and chat.json()["usage"]["completion_tokens"] >= 1
+    stopped = panel.api.post(f"{server_url}/stop").json()
+    deadline = time.monotonic() + 60
+    while stopped["status"] != "stopped":
+        assert time.monotonic() < deadline, stopped
+        time.sleep(0.5)
+        stopped = panel.api.get(server_url).json()
 
     # The merged model trains again (a run of a config on it).
     with Session(get_engine()) as session:

@@ -14,7 +14,7 @@ from sqlmodel import select
 from app.models import ModelEntry, ModelExport, Run
 from tests.factories import store_folder
 from tests.test_deploy import worker_headers
-from tests.test_evaluations import _dispatch, _online, _trained_run, run  # noqa: F401  (the fixture)
+from tests.test_evaluations import _online, _trained_run, run  # noqa: F401  (the fixture)
 
 INTERNAL = "/internal/v1"
 
@@ -111,3 +111,49 @@ def test_a_failed_export_registers_nothing(client, session, run, tiny_model):  #
     done = client.get(f"/api/v1/exports/{export.id}").json()
     assert done["status"] == "failed" and "did not upload" in done["status_reason"] and done["model_id"] is None
     assert client.get(f"/api/v1/exports/{export.id}/download").status_code == 409
+
+
+def test_a_model_served_alone_starts_with_no_adapter(client, session, tiny_model):
+    from app.models import ModelEntry as Entry
+    from tests.factories import model_factory
+    from tests.test_deploy import dispatch
+
+    model = model_factory(session, str(tiny_model), "merged")
+    assert client.post("/api/v1/models/4242/serve", json={}).status_code == 404
+    assert client.post(f"/api/v1/models/{model.id}/serve", json={"name": "no spaces"}).status_code == 400
+    served = client.post(f"/api/v1/models/{model.id}/serve", json={"name": "merged-chat"})
+    assert served.status_code == 201 and served.json()["status"] == "pending"
+    assert client.post(f"/api/v1/models/{model.id}/serve", json={"name": "merged-chat"}).status_code == 409
+    server_id = served.json()["id"]
+    dispatch_id = dispatch(client, server_id, "w1")
+    claimed = client.post(f"{INTERNAL}/servers/{server_id}/claim", headers=worker_headers(),
+                          json={"worker_id": "w1", "dispatch_id": dispatch_id, "instance_id": "i1"})
+    assert claimed.status_code == 200, claimed.text
+    spec = claimed.json()
+    assert spec["adapters"] == [] and spec["base_name"] == "merged-chat" and spec["base_model_path"] == str(tiny_model)
+    stopped = client.post(f"/api/v1/model-servers/{server_id}/stop").json()
+    assert stopped["status"] in ("starting", "stopped")
+    assert session.get(Entry, model.id) is not None
+
+
+def test_the_preflight_says_when_only_a_merge_lets_vllm_serve_it(tmp_path):
+    import json as json_
+
+    from app.services.deployments import DeploymentError, preflight_adapter
+    from tests.test_deploy import write_adapter
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for name, kwargs, words in (("dora", {}, "DoRA"), ("mts", {"modules_to_save": ["lm_head"]}, "modules_to_save"),
+                                ("vocab", {"extra_tensors": ("base_model.model.model.embed_tokens.weight",)},
+                                 "resized embeddings")):
+        adapter = write_adapter(tmp_path / name, str(base), **kwargs)
+        if name == "dora":
+            config = json_.loads((adapter / "adapter_config.json").read_text())
+            (adapter / "adapter_config.json").write_text(json_.dumps({**config, "use_dora": True}))
+        try:
+            preflight_adapter(adapter, str(base), backend="vllm", max_lora_rank=64)
+        except DeploymentError as error:
+            assert words in str(error) and "/exports" in str(error), str(error)
+        else:
+            raise AssertionError(f"{name} was not refused")

@@ -63,6 +63,8 @@ class InferenceServer(SQLModel, table=True):
     max_model_len: int = 2048
     # Set when its last adapter is undeployed; the supervising worker stops the process.
     stop_requested: bool = False
+    # A registered model served alone, with no adapter (a merged export: app/services/exports.py).
+    serves_model_alone: bool = False
     log_tail: str = Field(default="", sa_column=Column(Text, nullable=False))
     created_at: datetime = created_at_field()
     claimed_at: datetime | None = timestamp_field()

@@ -79,6 +79,9 @@ GPU_TFLOPS = (("H200", 780.0), ("GH200", 780.0), ("H100", 760.0), ("H800", 760.0
               ("A800", 250.0), ("L40S", 290.0), ("L40", 145.0), ("A6000", 120.0), ("4090", 130.0),
               ("3090", 55.0), ("A10", 100.0), ("L4", 95.0), ("V100", 100.0), ("T4", 50.0))
 UNKNOWN_GPU_TFLOPS = 100.0
+# A run's training loop starts slower than it goes on (first steps, data loader workers): ~2.5 s in
+# train_runtime on an H200 for the 0.5B and 7B shapes. Past runs' figures already hold it.
+LOOP_START_S = 2.5
 # Share of that rate a LoRA step reaches, for a model of hidden size ≥ 3584 (Qwen2.5-7B shape: 51 % of
 # 4N FLOPs per token on an H200); smaller models fill the GPU less, in proportion to their width
 # (0.5B: 14 %).
@@ -266,7 +269,7 @@ def claim_plan(session: Session, run: Run) -> tuple[BatchChoice | None, ProbeReq
     fields = key_fields(args, shape_digest(_model_path(run), _model_fingerprint(session, run)), device)
     key = probe_key(fields)
     earlier_key = plan.get("key")
-    plan.update(auto=True, key=key, device=device, step=step, gpus=max(run.gpus_requested, 1),
+    plan.update(auto=True, key=key, device=device, shape=fields["model_shape"], step=step, gpus=max(run.gpus_requested, 1),
                 seq_len=seq_len(args), config_split=list(_config_split(args)))
     earlier = plan.get("choice")
     if earlier and earlier_key == key and earlier.get("step") == step:
@@ -421,6 +424,8 @@ def record_finish(session: Session, run_id: int, report: FinishRequest) -> None:
     errors = {}
     for name in ("estimate", "estimate_probe"):
         estimate = plan.get(name) or {}
+        if estimate.get("micro") not in (None, measured["micro"]):
+            continue  # it estimated another split (the run fell back): no like-for-like figure
         error = {}
         if estimate.get("peak_mem_mib") and measured.get("peak_reserved_mib"):
             error["memory"] = round(estimate["peak_mem_mib"] / measured["peak_reserved_mib"] - 1, 4)
@@ -602,7 +607,8 @@ def speed_estimate(session: Session, *, model_id: int | None, dataset_ids: list[
         result["note"] = f"no online worker has {world} GPU(s): no GPU type to estimate for"
         return result
     args = {**params, "bf16": params.get("bf16") and gpus > 0, "fp16": params.get("fp16") and gpus > 0}
-    key = probe_key(key_fields(args, shape_digest(model.path, model.fingerprint), device))
+    key_shape = shape_digest(model.path, model.fingerprint)
+    key = probe_key(key_fields(args, key_shape, device))
     off = auto_off_reason(auto_batch, args, gpus)
     micro, accumulation = _config_split(params)
     length = seq_len(args)
@@ -639,7 +645,7 @@ def speed_estimate(session: Session, *, model_id: int | None, dataset_ids: list[
         if step_s is None:
             fb = predicted["fb_s"] * (1.0 if packs(args) else padded_share(lengths, cutoff, micro))
             step_s = accumulation * fb + microbatch.optimizer_step_s(_measurements(probe))
-            factor, runs = probe_calibration(session, device)
+            factor, runs = probe_calibration(session, device, key_shape)
             source = f"probe {probe.id} on {probe.gpu_name}"
             if factor is not None:
                 step_s *= factor
@@ -664,9 +670,11 @@ def speed_estimate(session: Session, *, model_id: int | None, dataset_ids: list[
     if peak is not None and device != "cpu":
         result["peak_mem_mib"] = round(peak, 1)
     if step_s:
-        epoch_s = steps_per_epoch * step_s + _eval_s(base, params, step_s, step, steps_per_epoch)
         epochs = params.get("num_train_epochs") or 0
         max_steps = params.get("max_steps")
+        start = 0.0 if source.startswith("past run") else LOOP_START_S
+        epoch_s = (steps_per_epoch * step_s + _eval_s(base, params, step_s, step, steps_per_epoch)
+                   + start / max(1.0, float(epochs)))
         total = (max_steps * step_s if isinstance(max_steps, int) and max_steps > 0 else epoch_s * epochs)
         result.update(step_s=round(step_s, 4), epoch_s=round(epoch_s, 1), total_s=round(total, 1),
                       tokens_per_s=round(step * world * length / step_s) if packs(args) else None)
@@ -674,9 +682,9 @@ def speed_estimate(session: Session, *, model_id: int | None, dataset_ids: list[
     return result
 
 
-def probe_calibration(session: Session, device: str) -> tuple[float | None, int]:
-    """The median of measured ÷ probe-predicted time per optimizer step over past runs on this device:
-    a probe times a few steps in a process of its own, a run's steady loop overlaps more."""
+def probe_calibration(session: Session, device: str, shape: str) -> tuple[float | None, int]:
+    """The median of measured ÷ probe-predicted time per optimizer step over past runs of this model
+    shape on this device (with other settings: those of the same key are used directly)."""
     rows = session.exec(
         select(Run.batch_plan).where(col(Run.status).in_([RunStatus.succeeded, RunStatus.cancelled]))
         .order_by(col(Run.id).desc()).limit(HISTORY_RUNS)
@@ -685,7 +693,8 @@ def probe_calibration(session: Session, device: str) -> tuple[float | None, int]
     for plan in rows:
         plan = plan or {}
         predicted, measured = (plan.get("predicted") or {}).get("step_s"), (plan.get("measured") or {}).get("step_s")
-        if plan.get("device") == device and predicted and measured and not plan.get("fallback"):
+        if (plan.get("device") == device and plan.get("shape") == shape and predicted and measured
+                and not plan.get("fallback")):
             ratios.append(min(2.0, max(0.5, measured / predicted)))
         if len(ratios) >= ACCURACY_RUNS:
             break

@@ -162,16 +162,19 @@ def preflight_adapter(
             "(raise TUNEBOARD_SERVE_MAX_LORA_RANK, or serve it with the llamafactory backend)",
             field="run_id",
         )
+    merged = " (or merge it: POST /api/v1/runs/{id}/exports, then serve the merged model alone)"
+    if config.get("use_dora"):
+        raise DeploymentError("the adapter is a DoRA; vLLM serves no DoRA: use the llamafactory backend" + merged)
     if config.get("modules_to_save"):
         raise DeploymentError(
             f"the adapter saves whole modules ({', '.join(config['modules_to_save'])}); vLLM cannot "
-            "serve modules_to_save: use the llamafactory backend"
+            "serve modules_to_save: use the llamafactory backend" + merged
         )
     resized = sorted(name for name in tensors if _lora_module(name) is None)
     if resized:
         raise DeploymentError(
             f"the adapter carries full weights ({resized[0]}…), e.g. resized embeddings; vLLM cannot "
-            "serve them: use the llamafactory backend"
+            "serve them: use the llamafactory backend" + merged
         )
     unsupported = [m for m in modules if m not in VLLM_LORA_MODULES]
     if unsupported:
@@ -546,7 +549,7 @@ def claim_server(session: Session, server_id: int, claim: ServerClaim) -> Server
         except DeploymentError as error:  # the others are served all the same
             _fail_deployment(session, deployment, str(error))
             refused.append(str(error))
-    if not specs:
+    if not specs and not server.serves_model_alone:
         # Nothing left to serve: no process to start (and none would be stopped later).
         _finish_server(session, server, S.failed, "; ".join(refused) or "no adapter to serve")
         raise DeploymentError(f"server {server_id} has no adapter left to serve", 409)

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import shutil
-import subprocess
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
@@ -40,7 +39,7 @@ from app.services import artifacts as artifact_service
 from app.services.broker import kick_scheduler, send_to_workers
 from app.services.dataset_ingest import dataset_info_entry
 from app.services.datasets import _json_array_rows, _jsonl_rows, data_file
-from app.settings import PROJECT_ROOT, get_settings
+from app.settings import get_settings
 from app.wire import (
     ADAPTER_ARTIFACT,
     CHECKPOINT_PATTERN,
@@ -72,7 +71,6 @@ HOLDING = (E.queued, E.starting, E.running)
 REUSABLE = (E.queued, E.starting, E.running, E.succeeded)
 BACKENDS = ("llamafactory", "vllm")
 MAX_ROWS_LIMIT = 100_000
-SPLIT_SCRIPT = PROJECT_ROOT / "workers" / "envscripts" / "eval_split.py"
 REASON_MAX_CHARS = 8000
 # Rows per generation batch (per_device_eval_batch_size; vLLM batches on its own).
 EVAL_BATCH_SIZE = 8
@@ -170,15 +168,15 @@ def _pick_rows(datasets: list[Dataset], indices: list[int]) -> list[Any]:
 def held_out_indices(total: int, val_size: float, seed: int) -> list[int]:
     """The rows LLaMA-Factory holds out: its own call (`Dataset.train_test_split(test_size, seed)`,
     data_utils.split_dataset) on as many rows, run in the training environment."""
-    request = json.dumps({"rows": total, "val_size": val_size, "seed": seed})
+    from workers import train_env
+
     try:
-        result = subprocess.run([get_settings().train_python, str(SPLIT_SCRIPT)], input=request,
-                                capture_output=True, text=True, timeout=120, check=True)
-        return [int(i) for i in json.loads(result.stdout)["test"]]
-    except (OSError, subprocess.SubprocessError, ValueError, KeyError) as error:
-        detail = getattr(error, "stderr", "") or str(error)
+        answer = train_env.run_script("eval_split.py", {"rows": total, "val_size": val_size, "seed": seed},
+                                      timeout_s=120, what="working out the run's held-out split")
+        return [int(i) for i in answer["test"]]
+    except (train_env.TrainEnvError, KeyError, TypeError, ValueError) as error:
         raise EvaluationError(f"could not work out the run's held-out split in the training environment: "
-                              f"{detail[-1000:]}", 503) from None
+                              f"{error}", 503) from None
 
 
 # --------------------------------------------------------------------------- create
@@ -277,9 +275,9 @@ def create_for_run(session: Session, run_id: int, *, checkpoint: str | None = No
     if model is None:
         raise EvaluationConflict(f"run {run.id}'s base model ({model_path}) is no longer registered")
     trained_on = [session.get(Dataset, entry["id"]) for entry in run.lineage.get("datasets", [])]
-    formats = {(d.formatting, json.dumps(d.columns, sort_keys=True)) for d in trained_on if d is not None}
-    formatting, columns = (trained_on[0].formatting, trained_on[0].columns) if len(formats) == 1 and trained_on[0] \
-        else (None, None)
+    present = [d for d in trained_on if d is not None]
+    formats = {(d.formatting, json.dumps(d.columns, sort_keys=True)) for d in present}
+    formatting, columns = (present[0].formatting, present[0].columns) if len(formats) == 1 else (None, None)
     if dataset_id is not None:
         dataset, indices, rows = _rows_for_dataset(session, dataset_id, formatting, columns, max_rows)
         source, formatting, columns = "dataset", dataset.formatting, dataset.columns

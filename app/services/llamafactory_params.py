@@ -112,7 +112,7 @@ PARAMS: tuple[Param, ...] = (
     # ### train
     Param("per_device_train_batch_size", "train", int, 4,
           "Examples per GPU in each forward pass. Larger batches use more GPU memory and fill the GPU better;"
-          " for models under ~2B, 12 with accumulation 1 is usually faster than 4 × 3."),
+          " with the automatic micro-batch on, a GPU run picks this and the accumulation itself (same product)."),
     Param("gradient_accumulation_steps", "train", int, 8,
           "Forward passes summed per optimizer step (effective batch = batch × accumulation × GPUs)."),
     Param("learning_rate", "train", float, 1.0e-4, "Peak learning rate (1e-4 to 2e-4 is usual for LoRA)."),

@@ -98,14 +98,14 @@ class Room:
         """How much room a run would leave: the scheduler picks the least (best fit)."""
         return (len(self.free_gpus) - gpus, len(self.gpus)) if gpus else (self.free_cpu_slots - 1, 0)
 
-    def take_run(self, run: Any) -> list[int]:
-        gpus = run.gpus_requested
+    def take_training(self, gpus: int, label: str) -> list[int]:
+        """`gpus` GPUs (lowest first), or a CPU training slot for 0, for a run or a job like one."""
         taken = sorted(self.free_gpus)[:gpus]
         if gpus:
             self.free_gpus = [g for g in self.free_gpus if g not in taken]
         else:
             self.free_cpu_slots -= 1
-        self.training.append(Holder(f"run {run.id}", taken))
+        self.training.append(Holder(label, taken))
         return taken
 
     def fits_server(self) -> bool:
@@ -268,7 +268,7 @@ def _place_runs(session: Session, rooms: dict[str, Room], model_names: dict[str,
         if room is None:  # its place among the runs left waiting
             spots[run.id] = QueueSpot(len(spots) + 1, reasons[model_path, gpus])
             continue
-        choices.append(run_service.Dispatch(run.id, run.attempt, room.name, room.take_run(run)))
+        choices.append(run_service.Dispatch(run.id, run.attempt, room.name, room.take_training(run.gpus_requested, f"run {run.id}")))
     _plan.runs = spots
     return run_service.dispatch_runs(session, choices) if choices else 0
 
@@ -289,13 +289,7 @@ def _place_jobs(session: Session, rooms: dict[str, Room]) -> int:
             room = _best_fit(holders, lambda r: r.fits_run(gpus), lambda r: r.spare_after_run(gpus))
             if room is None:
                 continue
-            taken = sorted(room.free_gpus)[:gpus]
-            if gpus:
-                room.free_gpus = [g for g in room.free_gpus if g not in taken]
-            else:
-                room.free_cpu_slots -= 1
-            room.training.append(Holder(f"{JOB_LABELS[jobs]} {job.id}", taken))
-            choices.append((job, room.name, taken))
+            choices.append((job, room.name, room.take_training(gpus, f"{JOB_LABELS[jobs]} {job.id}")))
         dispatched += jobs.dispatch(session, choices) if choices else 0
     return dispatched
 

@@ -545,7 +545,7 @@ def phase_auto(env: Env, shapes: list[str], timeout_s: float, fallback: bool) ->
             log(f"{shape}: token stats {stats.status_code}, mean {stats.json().get('total_tokens', {}).get('mean')}")
             estimate = panel.api.post("/api/v1/configs/estimate", json={
                 "name": "x", "model_id": config["model_id"], "dataset_ids": config["dataset_ids"],
-                "gpus": config["gpus"], "params": config["params"]}).json()
+                "gpus": config["gpus"], "params": config["params"]}, timeout=300).json()
             env.save(f"auto_{shape}_form_estimate", estimate.get("speed"))
             log(f"{shape}: form estimate before any probe: {json.dumps(estimate.get('speed'))}")
             share = share_for(env, params)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -116,11 +115,13 @@ def probe(request: dict[str, Any]) -> dict[str, Any]:
     timed_steps = max(1, int(request.get("timed_steps", 2)))
     warmup_steps = max(0, int(request.get("warmup_steps", 1)))
     workdir = tempfile.mkdtemp(prefix="tuneboard-probe-")
-    # One process, one device, nothing saved: the run's own arguments otherwise.
-    for key in ("resume_from_checkpoint", "deepspeed"):
+    # One process, one device, training steps only (no evaluation, nothing saved): the run's own
+    # arguments otherwise.
+    for key in ("resume_from_checkpoint", "deepspeed", "eval_dataset", "eval_steps"):
         args.pop(key, None)
     args.update(output_dir=workdir, overwrite_output_dir=True, per_device_train_batch_size=1,
-                gradient_accumulation_steps=1, report_to="none", do_train=True)
+                gradient_accumulation_steps=1, report_to="none", do_train=True, do_eval=False, do_predict=False,
+                eval_strategy="no", val_size=0.0, load_best_model_at_end=False, save_strategy="no")
 
     import torch
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_template_and_fix_tokenizer
@@ -168,18 +169,25 @@ def probe(request: dict[str, Any]) -> dict[str, Any]:
         ids = torch.randint(0, vocab, (micro, seq_len), generator=generator).tolist()
         return collator([{"input_ids": row, "attention_mask": [1] * seq_len, "labels": row} for row in ids])
 
-    def one_step(inputs: dict[str, Any]) -> tuple[float, float]:
-        device.sync()
-        start = time.perf_counter()
-        trainer.training_step(wrapped, inputs, None)
-        device.sync()
-        middle = time.perf_counter()
+    def optimizer_step() -> None:
         if training_args.max_grad_norm and training_args.max_grad_norm > 0:
             trainer._clip_grad_norm(wrapped)
         trainer.optimizer.step()
         wrapped.zero_grad()
+
+    def one_step(inputs: dict[str, Any], passes: int = 1) -> tuple[float, float]:
+        """`passes` forward+backward passes back to back, as gradient accumulation runs them (no
+        synchronisation between them: the host queues the next pass while the device runs this
+        one), then the optimizer step. (seconds per pass, seconds of the optimizer step)"""
         device.sync()
-        return middle - start, time.perf_counter() - middle
+        start = time.perf_counter()
+        for _ in range(passes):
+            trainer.training_step(wrapped, inputs, None)
+        device.sync()
+        middle = time.perf_counter()
+        optimizer_step()
+        device.sync()
+        return (middle - start) / passes, time.perf_counter() - middle
 
     measurements: list[dict[str, Any]] = []
     budget = microbatch.memory_budget_mib(total_mib, overhead_start, margin)
@@ -189,10 +197,10 @@ def probe(request: dict[str, Any]) -> dict[str, Any]:
         times: list[tuple[float, float]] = []
         try:
             inputs = batch_of(micro)
-            for index in range(warmup_steps + timed_steps):
-                fb_opt = one_step(inputs)
-                if index >= warmup_steps:
-                    times.append(fb_opt)
+            for _ in range(warmup_steps):
+                one_step(inputs)
+            times.append(one_step(inputs, timed_steps))
+            times.append(one_step(inputs))  # one pass alone: how much a synchronisation costs (diagnostic)
             del inputs
         except Exception as caught:  # noqa: BLE001 - an out-of-memory error ends the probe, others too
             error = caught
@@ -208,12 +216,11 @@ def probe(request: dict[str, Any]) -> dict[str, Any]:
                 break
             continue
         allocated, reserved = device.peak()
-        fb_s = statistics.median(t[0] for t in times)
-        opt_s = statistics.median(t[1] for t in times)
+        fb_s, opt_s = times[0]
         measurements.append({"micro": micro, "ok": True, "peak_allocated_mib": round(allocated, 1),
                              "peak_reserved_mib": round(reserved, 1), "fb_s": round(fb_s, 5),
-                             "opt_s": round(opt_s, 5), "steps": len(times),
-                             "times": [[round(a, 5), round(b, 5)] for a, b in times]})
+                             "opt_s": round(opt_s, 5), "steps": timed_steps,
+                             "single_pass_s": round(times[1][0], 5)})
         say(f"micro-batch {micro}: {reserved:.0f} MiB reserved ({allocated:.0f} allocated), "
             f"{fb_s * 1000:.1f} ms forward+backward, {opt_s * 1000:.1f} ms optimizer step, "
             f"{micro * seq_len / fb_s:,.0f} tokens/s")
