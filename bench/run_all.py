@@ -25,6 +25,9 @@ BENCHMARKS = {
     "gateway": "bench_gateway.py",
     "load": "bench_load.py",
     "fuzz": "bench_fuzz.py",
+    "pages": "bench_pages.py",
+    "scheduler": "bench_scheduler.py",
+    "eval": "bench_eval.py",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from datetime import timedelta
@@ -101,6 +102,7 @@ def test_doctor_cli_reports_this_machine(data_dir) -> None:
     assert all(check["status"] in ("ok", "warning", "error") for check in checks.values())
     assert all(check["fix"] for check in checks.values() if check["status"] != "ok")
     assert report["facts"]["arch"] and report["facts"]["free_disk_gib"] > 0
+    assert report["facts"]["cpu_count"] == os.cpu_count()
     assert "llamafactory" in report["facts"]["training_env"]["packages"]
 
 

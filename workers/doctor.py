@@ -6,6 +6,7 @@ check is ok / warning / error with the fix in one line.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import shutil
@@ -78,8 +79,9 @@ def run_doctor(settings: Settings) -> DoctorReport:
 
 def _system(report: DoctorReport) -> None:
     os_release = _os_release()
+    # cpu_count: the config form sizes tokenizer and loader processes from it.
     report.facts.update(os=os_release, arch=platform.machine(), python=platform.python_version(),
-                        hostname=platform.node())
+                        hostname=platform.node(), cpu_count=os.cpu_count() or 1)
     report.add("os", "ok", f"{os_release} ({platform.machine()}), kernel {platform.release()}")
     report.add("python", "ok", f"Python {platform.python_version()} (app)")
 

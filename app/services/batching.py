@@ -587,7 +587,8 @@ def speed_estimate(session: Session, *, model_id: int | None, dataset_ids: list[
     result: dict[str, Any] = {"gpus": gpus, "step": step * world, "step_per_gpu": step, "auto": auto_batch,
                               "config_split": list(_config_split(params)), "source": None}
     learning_rate = params.get("learning_rate")
-    if previous_step and previous_step != step * world and isinstance(learning_rate, (int, float)) and learning_rate > 0:
+    if (isinstance(previous_step, int) and 0 < previous_step <= MAX_STEP and 0 < step * world != previous_step
+            and isinstance(learning_rate, (int, float)) and learning_rate > 0):
         suggested = learning_rate * math.sqrt(step * world / previous_step)
         result["lr_hint"] = (f"The optimizer step went from {previous_step} to {step * world} sequences. By the "
                              f"square-root rule the learning rate {learning_rate:.3g} would become {suggested:.3g} "
