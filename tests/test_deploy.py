@@ -365,3 +365,31 @@ def test_empty_states_say_what_to_do(client):
     page = client.get("/deployments").text
     assert "Nothing to deploy yet" in page and "No deployments" in page
     assert "No model is ready" in client.get("/playground").text
+
+
+def test_a_base_model_is_served_alone_to_chat_with_from_the_models_page(client, session, tmp_path) -> None:
+    from app.models.model_entry import ModelEntry
+
+    model = ModelEntry(name="tiny-base", path=str(tmp_path / "tiny-base"))
+    session.add(model)
+    session.commit()
+    page = client.post(f"/models/{model.id}/serve")
+    assert page.status_code == 200 and "Starting tiny-base" in page.text
+    server = session.exec(select(InferenceServer).where(InferenceServer.base_model_path == model.path)).one()
+    assert (server.serves_model_alone, server.status, server.base_name) == (True, "pending", "tiny-base")
+    assert f'action="/models/servers/{server.id}/stop"' in page.text and "Serve for chat" not in page.text
+    again = client.post(f"/models/{model.id}/serve")  # the name is taken while it serves
+    assert again.status_code == 409 and "in use" in again.text
+
+    server.status, server.url = "ready", "http://127.0.0.1:9"
+    session.add(server)
+    session.commit()
+    page = client.get("/models").text
+    assert 'href="/playground?model=tiny-base"' in page
+    assert 'value="tiny-base"' in client.get("/playground?model=tiny-base").text
+
+    assert client.post(f"/models/servers/{server.id}/stop", follow_redirects=False).status_code == 303
+    session.refresh(server)
+    assert server.stop_requested
+    page = client.get("/models").text
+    assert "stopping" in page and 'href="/playground?model=tiny-base"' not in page

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, HTTPException, Request, status
 from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field
 
 from app.auth import CurrentUser
 from app.db import SessionDep
@@ -211,6 +212,36 @@ def get_deployment_api(session: SessionDep, deployment_id: int):
 def undeploy_api(session: SessionDep, deployment_id: int):
     try:
         return _detail(session, service.undeploy(session, deployment_id))
+    except DeploymentError as error:
+        raise _http_error(error) from None
+
+
+class ModelServe(BaseModel):
+    name: str | None = Field(default=None, max_length=200)
+
+
+@api_router.post("/models/{model_id}/serve", status_code=status.HTTP_201_CREATED)
+def serve_model_api(model_id: int, payload: ModelServe, session: SessionDep) -> dict[str, Any]:
+    """Serve a registered model with no adapter on vLLM (a base model to chat with, a merged
+    export); the gateway answers for it under `name` once `status` is ready."""
+    try:
+        return service.model_server_public(service.serve_model_alone(session, model_id, payload.name))
+    except DeploymentError as error:
+        raise _http_error(error) from None
+
+
+@api_router.get("/model-servers/{server_id}")
+def get_model_server_api(server_id: int, session: SessionDep) -> dict[str, Any]:
+    try:
+        return service.model_server_public(service.model_server(session, server_id))
+    except DeploymentError as error:
+        raise _http_error(error) from None
+
+
+@api_router.post("/model-servers/{server_id}/stop")
+def stop_model_server_api(server_id: int, session: SessionDep) -> dict[str, Any]:
+    try:
+        return service.model_server_public(service.stop_model_server(session, server_id))
     except DeploymentError as error:
         raise _http_error(error) from None
 

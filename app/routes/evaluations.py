@@ -204,24 +204,3 @@ def finish_export(export_id: int, payload: ExportFinish, session: SessionDep) ->
     _call(lambda: export_service.finish(session, export_id, payload))
     return {}
 
-
-# --------------------------------------------------------------------------- a model served alone
-class ModelServe(BaseModel):
-    name: str | None = Field(default=None, max_length=200)
-
-
-@api_router.post("/models/{model_id}/serve", status_code=201)
-def serve_model(model_id: int, payload: ModelServe, session: SessionDep) -> dict[str, Any]:
-    """Serve a registered model (a merged export) with no adapter on vLLM; the gateway answers
-    for it under `name` once `status` is ready."""
-    return export_service.server_public(_call(lambda: export_service.serve_model(session, model_id, payload.name)))
-
-
-@api_router.get("/model-servers/{server_id}")
-def get_model_server(server_id: int, session: SessionDep) -> dict[str, Any]:
-    return export_service.server_public(_call(lambda: export_service.model_server(session, server_id)))
-
-
-@api_router.post("/model-servers/{server_id}/stop")
-def stop_model_server(server_id: int, session: SessionDep) -> dict[str, Any]:
-    return export_service.server_public(_call(lambda: export_service.stop_model_server(session, server_id)))

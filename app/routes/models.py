@@ -10,7 +10,9 @@ from sqlmodel import Session
 
 from app.db import SessionDep
 from app.models import ModelEntry, ModelEntryCreate, ModelEntryPublic
+from app.services import deployments as deployment_service
 from app.services import model_registry as service
+from app.services.deployments import DeploymentError
 from app.services.model_registry import ModelError
 from app.templating import render
 
@@ -71,7 +73,8 @@ def delete_model(model_id: int, session: SessionDep) -> None:
 
 def _page(request: Request, session: Session, *, status_code: int = 200, **extra: Any):
     context = {"section": "models", "models": service.list_models(session),
-               "roots": [str(root) for root in service.model_roots()], "form": {}, "errors": {}, **extra}
+               "roots": [str(root) for root in service.model_roots()], "form": {}, "errors": {},
+               "servers": deployment_service.model_servers(session), **extra}
     return render(request, "models/list.html", context, status_code=status_code)
 
 
@@ -97,6 +100,25 @@ def add_model_form(
 def scan_models_form(request: Request, session: SessionDep):
     result = service.scan(session)
     return _page(request, session, scan=result)
+
+
+@router.post("/models/{model_id}/serve")
+def serve_model_form(model_id: int, request: Request, session: SessionDep):
+    """Chat with a base model alone: serve it with no adapter, then open the playground on it."""
+    try:
+        server = deployment_service.serve_model_alone(session, model_id)
+    except DeploymentError as error:
+        return _page(request, session, status_code=error.status_code, errors={"serve": str(error)})
+    return _page(request, session, notice=f"Starting {server.base_name}: Chat appears here once it is ready.")
+
+
+@router.post("/models/servers/{server_id}/stop")
+def stop_model_server_form(server_id: int, request: Request, session: SessionDep):
+    try:
+        deployment_service.stop_model_server(session, server_id)
+    except DeploymentError as error:
+        return _page(request, session, status_code=error.status_code, errors={"serve": str(error)})
+    return RedirectResponse("/models", status_code=status.HTTP_303_SEE_OTHER)
 
 
 @router.post("/models/{model_id}/delete")

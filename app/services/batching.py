@@ -225,7 +225,8 @@ def choice_from_probe(probe: BatchProbe, step: int, config_split: tuple[int, int
 
 
 def _config_split(args: dict[str, Any]) -> tuple[int, int]:
-    return int(args.get("per_device_train_batch_size") or 8), int(args.get("gradient_accumulation_steps") or 1)
+    batch, accumulation = args.get("per_device_train_batch_size") or 8, args.get("gradient_accumulation_steps") or 1
+    return (batch if isinstance(batch, int) else 8), (accumulation if isinstance(accumulation, int) else 1)
 
 
 def _device_of(session: Session, run: Run) -> tuple[str, float | None]:
@@ -577,10 +578,20 @@ def landing_device(session: Session, gpus: int) -> tuple[str | None, float | Non
     return str(first.get("name") or "unknown GPU"), float(first.get("memory_total_mib") or 0) or None, worker.id
 
 
-def speed_estimate(session: Session, *, model_id: int | None, dataset_ids: list[int], params: dict[str, Any],
-                   gpus: int, auto_batch: bool, base: dict[str, Any], previous_step: int | None = None,
-                   device: str | None = None, device_total_mib: float | None = None) -> dict[str, Any]:
-    """Peak memory, the split, time per epoch and in total before launch (see the module's doc)."""
+def speed_estimate(session: Session, **kwargs: Any) -> dict[str, Any]:
+    """Peak memory, the split, time per epoch and in total before launch (see the module's doc). It runs
+    on the form's input as typed: a value of the wrong type gives a note, never an error."""
+    try:
+        return _speed_estimate(session, **kwargs)
+    except (TypeError, ValueError, ArithmeticError) as error:
+        log.info("no speed estimate: %s", error)
+        return {"note": f"no speed estimate for these values ({type(error).__name__})", "gpus": kwargs.get("gpus", 0),
+                "step": 0, "step_per_gpu": 0, "auto": kwargs.get("auto_batch")}
+
+
+def _speed_estimate(session: Session, *, model_id: int | None, dataset_ids: list[int], params: dict[str, Any],
+                    gpus: int, auto_batch: bool, base: dict[str, Any], previous_step: int | None = None,
+                    device: str | None = None, device_total_mib: float | None = None) -> dict[str, Any]:
     settings = get_settings()
     world = max(gpus, 1)
     step = step_per_device(params)
@@ -672,6 +683,7 @@ def speed_estimate(session: Session, *, model_id: int | None, dataset_ids: list[
         result["peak_mem_mib"] = round(peak, 1)
     if step_s:
         epochs = params.get("num_train_epochs") or 0
+        epochs = float(epochs) if isinstance(epochs, (int, float)) and not isinstance(epochs, bool) else 0.0
         max_steps = params.get("max_steps")
         start = 0.0 if source.startswith("past run") else LOOP_START_S
         epoch_s = (steps_per_epoch * step_s + _eval_s(base, params, step_s, step, steps_per_epoch)

@@ -726,3 +726,62 @@ def remove_deployment(session: Session, deployment_id: int) -> None:
         raise DeploymentError(f"deployment {deployment.name} is {deployment.status}: undeploy it first", 409)
     session.delete(deployment)
     session.commit()
+
+
+# ------------------------------------------------------------------ a model served alone
+
+
+def serve_model_alone(session: Session, model_id: int, name: str | None = None) -> InferenceServer:
+    """Serve a registered model with no adapter (a base model to chat with, or a merged export):
+    an inference server of its own whose gateway name is `name`, scheduled like any server (a
+    serving slot on a worker that holds the model). Stopped with `stop_model_server`."""
+    model = session.get(ModelEntry, model_id)
+    if model is None:
+        raise DeploymentError(f"model {model_id} not found", 404)
+    name = (name or "").strip() or model.name
+    if not NAME_PATTERN.match(name):
+        raise DeploymentError("a served model's name is 1–200 letters, digits or . _ - : @ / and starts with a "
+                              "letter or digit", field="name")
+    if _active_server_named(session, name) or _active_deployment_named(session, name):
+        raise DeploymentError(f"the name {name} is in use by a served model or deployment: pick another", 409,
+                              field="name")
+    settings = get_settings()
+    server = InferenceServer(
+        base_model_path=model.path, base_name=name, template=model.suggested_template,
+        max_lora_rank=settings.serve_max_lora_rank, max_model_len=settings.serve_max_model_len,
+        api_key=secrets.token_urlsafe(32), serves_model_alone=True, status=S.pending,
+    )
+    session.add(server)
+    session.commit()
+    session.refresh(server)
+    kick_scheduler()
+    return server
+
+
+def model_server(session: Session, server_id: int) -> InferenceServer:
+    server = session.get(InferenceServer, server_id)
+    if server is None or not server.serves_model_alone:
+        raise DeploymentError(f"no served model {server_id}", 404)
+    session.refresh(server)
+    return server
+
+
+def model_servers(session: Session) -> dict[str, InferenceServer]:
+    """The live server of each model served alone, by model path."""
+    servers = session.exec(
+        select(InferenceServer).where(col(InferenceServer.serves_model_alone).is_(True),
+                                      col(InferenceServer.status).in_(ACTIVE_STATUSES))
+        .order_by(col(InferenceServer.id))
+    ).all()
+    return {server.base_model_path: server for server in servers}
+
+
+def stop_model_server(session: Session, server_id: int) -> InferenceServer:
+    stop_server(session, model_server(session, server_id))
+    return model_server(session, server_id)
+
+
+def model_server_public(server: InferenceServer) -> dict[str, Any]:
+    return {"id": server.id, "name": server.base_name, "model_path": server.base_model_path,
+            "status": DeploymentStatus(server.status).value, "status_reason": server.status_reason,
+            "worker_id": server.worker_id}

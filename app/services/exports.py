@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -283,58 +282,3 @@ def merged_manifest(session: Session, export_id: int) -> ArtifactManifest:
         return artifact_service.get_manifest(session, export.run_id, artifact_name(export_id))
     except artifact_service.ArtifactError:
         raise ExportNotFound(f"export {export_id}'s merged model is no longer in the store") from None
-
-
-# --------------------------------------------------------------------------- serving a model alone
-def serve_model(session: Session, model_id: int, name: str | None = None) -> Any:
-    """Serve a registered model with no adapter (a merged export): an inference server of its own
-    whose gateway name is `name`; scheduled like any server (a serving slot on a worker that holds
-    the model). Stopped with `stop_model_server`."""
-    from app.models import InferenceServer
-    from app.models.deployment import DeploymentStatus
-    from app.services import deployments
-
-    model = session.get(ModelEntry, model_id)
-    if model is None:
-        raise ExportNotFound(f"model {model_id} not found")
-    name = (name or "").strip() or model.name
-    if not deployments.NAME_PATTERN.match(name):
-        raise ExportError("a served model's name is 1–200 letters, digits or . _ - : @ / and starts with a letter "
-                          "or digit")
-    if deployments._active_server_named(session, name) or deployments._active_deployment_named(session, name):
-        raise ExportConflict(f"the name {name} is in use by a served model or deployment: pick another")
-    settings = get_settings()
-    server = InferenceServer(
-        base_model_path=model.path, base_name=name, template=model.suggested_template,
-        max_lora_rank=settings.serve_max_lora_rank, max_model_len=settings.serve_max_model_len,
-        api_key=secrets.token_urlsafe(32), serves_model_alone=True, status=DeploymentStatus.pending,
-    )
-    session.add(server)
-    session.commit()
-    session.refresh(server)
-    kick_scheduler()
-    return server
-
-
-def model_server(session: Session, server_id: int) -> Any:
-    from app.models import InferenceServer
-
-    server = session.get(InferenceServer, server_id)
-    if server is None or not server.serves_model_alone:
-        raise ExportNotFound(f"no served model {server_id}")
-    session.refresh(server)
-    return server
-
-
-def stop_model_server(session: Session, server_id: int) -> Any:
-    from app.services import deployments
-
-    server = model_server(session, server_id)
-    deployments.stop_server(session, server)
-    return model_server(session, server_id)
-
-
-def server_public(server: Any) -> dict[str, Any]:
-    return {"id": server.id, "name": server.base_name, "model_path": server.base_model_path,
-            "status": server.status.value if hasattr(server.status, "value") else server.status,
-            "status_reason": server.status_reason, "worker_id": server.worker_id}
