@@ -393,3 +393,21 @@ def test_a_base_model_is_served_alone_to_chat_with_from_the_models_page(client, 
     assert server.stop_requested
     page = client.get("/models").text
     assert "stopping" in page and 'href="/playground?model=tiny-base"' not in page
+
+
+def test_after_undeploy_the_server_row_reads_stopping_until_its_worker_stops_it(client, session, adapter_run):
+    deployment = deploy(client, adapter_run.id, name="short-lived")
+    server_id = deployment["server_id"]
+    dispatch_id = dispatch(client, server_id)
+    assert claim(client, server_id, dispatch_id).status_code == 200
+    ready = client.post(f"{INTERNAL}/servers/{server_id}/events", headers=worker_headers(),
+                        json={"status": "ready", "url": "http://127.0.0.1:9", "adapters": ["short-lived"]})
+    assert ready.status_code == 200
+    assert client.delete(f"/api/v1/deployments/{deployment['id']}").status_code == 200
+    row = client.get("/deployments").text.split('id="deployments-table"')[1]
+    assert '<span class="badge stopped">stopping</span>' in row and '<span class="badge ready">ready</span>' not in row
+    stopped = client.post(f"{INTERNAL}/servers/{server_id}/events", headers=worker_headers(),
+                          json={"status": "stopped", "reason": "no adapter left"})
+    assert stopped.json() == {"stop": True}
+    row = client.get("/deployments").text.split('id="deployments-table"')[1]
+    assert "stopping" not in row and '<span class="badge stopped">stopped</span>' in row

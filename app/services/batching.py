@@ -219,7 +219,7 @@ def choice_from_probe(probe: BatchProbe, step: int, config_split: tuple[int, int
         limit = f"; {microbatch.smallest_failure(measurements)} ran out of memory"
     reason = (f"{split_text(micro, accumulation)}: the fastest split of {step} sequences per optimizer step that "
               f"fits in {where} (peak {_gib(chosen['peak_reserved_mib'])}, {chosen['tokens_per_s']:,.0f} tokens/s "
-              f"per GPU{compare}{limit})")
+              f"{'per GPU' if probe.gpu_name != 'CPU' else 'on the CPU'}{compare}{limit})")
     return BatchChoice(per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
                        source=source, reason=reason, fallbacks=chosen["fallbacks"])
 
