@@ -32,6 +32,18 @@ def dataset_factory(
     return dataset
 
 
+def write_run_dataset_dir(datasets: list[Dataset], run_dataset_dir: Path) -> dict[str, dict[str, Any]]:
+    """A run's dataset_dir as a worker lays it out (each file under its run_file_name, beside the
+    dataset_info.json the claim carries); returns that info."""
+    run_dataset_dir.mkdir(parents=True, exist_ok=True)
+    for dataset in datasets:
+        (run_dataset_dir / dataset_service.run_file_name(dataset)).write_bytes(
+            dataset_service.data_file(dataset).read_bytes())
+    info = dataset_service.dataset_info_for(datasets)
+    (run_dataset_dir / "dataset_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    return info
+
+
 def store_folder(session: Session, run_id: int, attempt: int, folder: Path, name: str, step: int | None = None):
     """Put a folder into the artifact store as the run's artifact `name`, the way a worker's
     upload ends (blobs in the store, then the manifest recorded)."""

@@ -16,7 +16,7 @@ from sqlmodel import Session, select
 from app.models import Dataset, Run, RunStatus, TrainConfig
 from app.services import datasets as dataset_service
 from app.settings import get_settings
-from tests.factories import alpaca_rows, dataset_factory
+from tests.factories import alpaca_rows, dataset_factory, write_run_dataset_dir
 
 ALPACA = json.dumps(alpaca_rows(5)).encode()
 
@@ -164,7 +164,11 @@ def test_a_filename_is_never_a_path(client, data_dir, tmp_path) -> None:
     assert sorted(p.name for p in (data_dir / "datasets" / str(body["id"])).iterdir()) == [
         "data.json", "preview.json", "sample.jsonl"]
     download = client.get(f"/api/v1/datasets/{body['id']}/download")
-    assert download.headers["content-disposition"] == 'attachment; filename="etc_passwd"'
+    assert download.headers["content-disposition"] == "attachment; filename=\"passwd\"; filename*=UTF-8''passwd"
+    # A name in another script keeps its characters in the UTF-8 form, and an ASCII fallback.
+    chinese = upload(client, ALPACA + b"\n", "训练数据.json", name="cn").json()
+    disposition = client.get(f"/api/v1/datasets/{chinese['id']}/download").headers["content-disposition"]
+    assert disposition == "attachment; filename=\"_.json\"; filename*=UTF-8''%E8%AE%AD%E7%BB%83%E6%95%B0%E6%8D%AE.json"
 
 
 def test_a_write_error_stores_nothing(client, session, data_dir, monkeypatch) -> None:
@@ -211,7 +215,7 @@ def test_registry_for_runs_and_worker_file_route(client, session, tmp_path) -> N
     mapped = dataset_factory(session, "mapped", [{"q": "a", "a": "b"}], jsonl=True, formatting="alpaca",
                              columns={"prompt": "q", "response": "a"})
     run_dir = tmp_path / "run" / "data"
-    info = dataset_service.write_run_dataset_dir([plain, mapped], run_dir)
+    info = write_run_dataset_dir([plain, mapped], run_dir)
     assert info == {
         "plain": {"file_name": f"dataset_{plain.id}.json", "formatting": "alpaca"},
         "mapped": {"file_name": f"dataset_{mapped.id}.jsonl", "formatting": "alpaca",

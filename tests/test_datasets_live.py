@@ -186,7 +186,7 @@ def test_llamafactory_loads_a_runs_dataset_dir(client, session, tiny_model, tmp_
     and a mapped JSONL)."""
     import subprocess
 
-    from app.services.datasets import write_run_dataset_dir
+    from tests.factories import write_run_dataset_dir
     from app.settings import get_settings
 
     bom = client.post("/api/v1/datasets", data={"name": "bom"},

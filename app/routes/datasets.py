@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from html import escape
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, Request, status
 from fastapi.responses import Response, StreamingResponse
@@ -16,6 +17,7 @@ from starlette.datastructures import UploadFile
 from app.db import SessionDep
 from app.models import Dataset, DatasetPublic, DatasetUpdate, ModelEntry
 from app.models.dataset import DatasetDetail, DatasetImportResult
+from app.security import safe_filename
 from app.services import datasets as service
 from app.services.datasets import DatasetError
 from app.templating import is_htmx, render
@@ -37,13 +39,15 @@ def _detail(dataset: Dataset) -> DatasetDetail:
 
 
 def _download(dataset: Dataset) -> StreamingResponse:
-    # The original name goes only into the header, reduced to safe characters.
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset.original_filename).strip("._") or f"dataset.{dataset.file_kind}"
+    # The original name goes only into the header: made safe for display, with an ASCII fallback
+    # beside its UTF-8 form (RFC 6266), since header values are Latin-1.
+    shown = safe_filename(dataset.original_filename or f"dataset.{dataset.file_kind}")
+    fallback = re.sub(r"[^A-Za-z0-9_. -]+", "_", shown).strip(". ") or f"dataset.{dataset.file_kind}"
     path = service.data_file(dataset)
     return StreamingResponse(
         service.iter_file(path),
         media_type="application/json" if dataset.file_kind == "json" else "application/jsonl",
-        headers={"Content-Disposition": f'attachment; filename="{safe}"',
+        headers={"Content-Disposition": f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(shown)}",
                  "Content-Length": str(path.stat().st_size)},
     )
 

@@ -16,7 +16,6 @@ import asyncio
 import errno
 import hashlib
 import json
-import os
 import posixpath
 import re
 import shutil
@@ -817,35 +816,13 @@ def iter_file(path: Path, chunk_bytes: int = 1024 * 1024) -> Iterator[bytes]:
 # -------------------------------------------------------------------------------------- registry
 def dataset_info_for(datasets: Iterable[Dataset]) -> dict[str, dict[str, Any]]:
     """LLaMA-Factory's dataset_info.json for a run: name → entry, file_name relative to the run's
-    dataset_dir (as `copy_into_run_dir` places the files)."""
+    dataset_dir (the worker downloads each file under its run_file_name there)."""
     info: dict[str, dict[str, Any]] = {}
     for dataset in datasets:
         info[dataset.name] = dataset_info_entry(
             {"formatting": dataset.formatting, "columns": dataset.columns, "tags": dataset.tags or None},
             file_name=run_file_name(dataset),
         )
-    return info
-
-
-def copy_into_run_dir(dataset: Dataset, run_dataset_dir: Path) -> Path:
-    """Place the dataset's file in a run's dataset_dir (a hard link when on the same disk: the
-    stored file is never modified in place)."""
-    run_dataset_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dataset_dir / run_file_name(dataset)
-    target.unlink(missing_ok=True)
-    try:
-        os.link(data_file(dataset), target)
-    except OSError:
-        shutil.copyfile(data_file(dataset), target)
-    return target
-
-
-def write_run_dataset_dir(datasets: list[Dataset], run_dataset_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every file of a run plus the dataset_info.json next to them; returns that info."""
-    for dataset in datasets:
-        copy_into_run_dir(dataset, run_dataset_dir)
-    info = dataset_info_for(datasets)
-    (run_dataset_dir / "dataset_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False))
     return info
 
 

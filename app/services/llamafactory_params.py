@@ -201,11 +201,6 @@ def form_params(section: str) -> list[Param]:
     return [p for p in PARAMS if p.section == section and p.in_form]
 
 
-def section_of(name: str) -> str | None:
-    param = BY_NAME.get(name)
-    return param.section if param else None
-
-
 def coerce(name: str, value: Any) -> Any:
     """A value of the parameter's type; form strings ("3", "on", "") become 3.0, True, None.
 
