@@ -9,6 +9,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -231,8 +232,9 @@ def test_three_runs_on_two_one_slot_workers_never_wait_while_a_worker_is_idle(cl
 
 def test_a_worker_that_dies_between_dispatch_and_claim_loses_nothing(cluster_panel: ClusterPanel) -> None:
     panel = cluster_panel
-    # "a-ghost" takes the dispatch (best fit, first by name) and dies before it claims: it stops
-    # sending heartbeats and never reads its queue.
+    # "a-ghost" sends heartbeats (online, one free slot, the model) but never reads its queue. It
+    # takes the dispatch (best fit: a tie with the real worker goes to the first name) and dies
+    # before it claims: once it has the dispatch, its heartbeats stop.
     ghost = {"worker_id": "a-ghost", "hostname": "ghost", "cpu_train_slots": 1, "serve_slots": 0,
              "instance_id": "ghost-1", "queues": ["default", "worker.a-ghost"]}
     internal = httpx.Client(base_url=f"{panel.url}/internal/v1", trust_env=False, timeout=10,
@@ -241,21 +243,40 @@ def test_a_worker_that_dies_between_dispatch_and_claim_loses_nothing(cluster_pan
     reply = internal.post("/workers/heartbeat", json=ghost).json()
     ghost["models"] = {m["path"]: m["fingerprint"] for m in reply["models"]}
     real = panel.start_worker(panel.cluster.host("b"), cpu_slots=1, serve_slots=0)
-    internal.post("/workers/heartbeat", json=ghost).raise_for_status()
+    dispatched_to_ghost = threading.Event()
 
+    def ghost_heartbeats() -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not dispatched_to_ghost.is_set() and time.monotonic() < deadline:
+            internal.post("/workers/heartbeat", json=ghost).raise_for_status()
+            dispatched_to_ghost.wait(1.0)
+
+    beating = threading.Thread(target=ghost_heartbeats, daemon=True)
+    beating.start()
+    internal.post("/workers/heartbeat", json=ghost).raise_for_status()
     run_id = panel.start(config_id)
-    # Both have one free slot: the tie goes to the first name, so the ghost gets it.
-    assert wait_for(lambda: panel.run(run_id)["dispatched_worker_id"], "the dispatch") == "a-ghost"
+    try:
+        wait_for(lambda: "a-ghost" in _dispatches(run_id), "the dispatch to the ghost", logs=panel.logs)
+    finally:
+        dispatched_to_ghost.set()  # it dies now: no claim, no more heartbeats
+        beating.join(timeout=15)
     done = panel.wait(run_id, FINISHED)
     assert done["status"] == "succeeded" and done["worker_id"] == real, done["status_reason"]
-    with Session(get_engine()) as session:
-        events = [e.data for e in session.exec(select(RunEvent).where(RunEvent.run_id == run_id,
-                                                                      RunEvent.kind == "status"))]
-    dispatches = [e["dispatched_to"] for e in events if "dispatched_to" in e]
-    assert dispatches == ["a-ghost", real]
+    events = _status_events(run_id)
+    assert _dispatches(run_id) == ["a-ghost", real]
     assert any("went offline before claiming it" in e.get("redispatch", "") for e in events)
     assert sum(e.get("status") == "starting" for e in events) == 1  # claimed once
     internal.close()
+
+
+def _status_events(run_id: int) -> list[dict]:
+    with Session(get_engine()) as session:
+        return [e.data for e in session.exec(select(RunEvent).where(RunEvent.run_id == run_id,
+                                                                    RunEvent.kind == "status"))]
+
+
+def _dispatches(run_id: int) -> list[str]:
+    return [e["dispatched_to"] for e in _status_events(run_id) if "dispatched_to" in e]
 
 
 def test_tuneboard_up_restarts_a_killed_worker_and_the_panel_stays_up(data_dir: Path, tmp_path: Path,
