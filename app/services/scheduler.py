@@ -98,14 +98,18 @@ class Room:
         """How much room a run would leave: the scheduler picks the least (best fit)."""
         return (len(self.free_gpus) - gpus, len(self.gpus)) if gpus else (self.free_cpu_slots - 1, 0)
 
-    def take_training(self, gpus: int, label: str) -> list[int]:
-        """`gpus` GPUs (lowest first), or a CPU training slot for 0, for a run or a job like one."""
-        taken = sorted(self.free_gpus)[:gpus]
-        if gpus:
-            self.free_gpus = [g for g in self.free_gpus if g not in taken]
+    def hold_training(self, gpu_ids: list[int], holder: Holder) -> None:
+        """What a run (or a job like one) holds: its GPUs, or a CPU training slot when it has none."""
+        if gpu_ids:
+            self.free_gpus = [g for g in self.free_gpus if g not in gpu_ids]
         else:
             self.free_cpu_slots -= 1
-        self.training.append(Holder(label, taken))
+        self.training.append(holder)
+
+    def take_training(self, gpus: int, label: str) -> list[int]:
+        """`gpus` free GPUs (lowest first), or a CPU training slot for 0."""
+        taken = sorted(self.free_gpus)[:gpus]
+        self.hold_training(taken, Holder(label, taken))
         return taken
 
     def fits_server(self) -> bool:
@@ -193,12 +197,9 @@ def _rooms(session: Session, online: dict[str, Worker]) -> dict[str, Room]:
         room = rooms.get(holder_id or "")
         if room is None or (run.status == RunStatus.queued and run.dispatch_id is None):
             continue
-        room.free_gpus = [g for g in room.free_gpus if g not in run.gpu_ids]
-        if not run.gpus_requested:
-            room.free_cpu_slots -= 1
         state = "starting" if run.status != RunStatus.running else None
-        room.training.append(Holder(f"run {run.id}" + (f" ({state})" if state else ""), run.gpu_ids,
-                                    run.remaining_s if state is None else None))
+        room.hold_training(run.gpu_ids, Holder(f"run {run.id}" + (f" ({state})" if state else ""), run.gpu_ids,
+                                               run.remaining_s if state is None else None))
     for server in session.exec(
         select(InferenceServer).where(col(InferenceServer.status).in_(HOLDING_SERVER_STATUSES))
     ).all():
@@ -213,10 +214,7 @@ def _rooms(session: Session, online: dict[str, Worker]) -> dict[str, Room]:
             room = rooms.get(job.worker_id or job.dispatched_worker_id or "")
             if room is None:
                 continue
-            room.free_gpus = [g for g in room.free_gpus if g not in job.gpu_ids]
-            if not job.gpus_requested:
-                room.free_cpu_slots -= 1
-            room.training.append(Holder(f"{JOB_LABELS[jobs]} {job.id}", job.gpu_ids))
+            room.hold_training(job.gpu_ids, Holder(f"{JOB_LABELS[jobs]} {job.id}", job.gpu_ids))
     return rooms
 
 
