@@ -52,7 +52,7 @@ def test_the_probe_goes_1_2_4_and_up_to_the_step_size() -> None:
 
 
 @pytest.mark.parametrize("name", ["h200_7b_probe.json", "h200_0.5b_probe_a.json", "h200_0.5b_probe_b.json",
-                                  "cpu_tiny_oom_at_8.json"])
+                                  "h200_7b_probe_loop.json", "h200_0.5b_probe_loop.json", "cpu_tiny_oom_at_8.json"])
 def test_replaying_a_recorded_probe_asks_for_the_sizes_it_measured_then_stops(name: str) -> None:
     probe = recorded(name)
     seen: list[dict[str, Any]] = []
@@ -96,6 +96,48 @@ def test_a_smaller_gpu_gets_the_largest_split_that_fits_it() -> None:
     chosen = microbatch.choose(probe["measurements"], 12, 40_000, probe["seq_len"])
     assert (chosen["micro"], chosen["accumulation"]) == (4, 3)  # 36.2 GiB; 6 would need ~46.9 GiB
     assert microbatch.choose(probe["measurements"], 12, 10_000, probe["seq_len"])["micro"] is None
+
+
+def with_loop(measurements: list[dict[str, Any]], micro: int, loop_step_s: float, accumulation: int = 1) -> list[dict[str, Any]]:
+    """A recorded probe's measurements as if its trainer loop had run at `micro` × `accumulation`."""
+    return [{**m, "loop_step_s": loop_step_s, "loop_accumulation": accumulation, "loop_steps": 16}
+            if m["micro"] == micro else m for m in measurements]
+
+
+def test_the_trainer_loop_sets_the_time_per_step_and_the_passes_keep_the_choice() -> None:
+    """The second 0.5B probe on an H200 timed 144 ms of passes + 12 ms of optimizer step at 12 packs,
+    where its runs took 219–238 ms per step (bench/gpu/results/h200_auto_0.5b_again.json): the
+    passes alone miss the trainer loop's own cost. A loop measured at the chosen split corrects every
+    split alike, so the choice stays the same."""
+    probe = recorded("h200_0.5b_probe_b.json")
+    plain = microbatch.choose(probe["measurements"], 12, budget_of(probe), probe["seq_len"])
+    assert microbatch.loop_factor(probe["measurements"]) == 1.0
+    looped = with_loop(probe["measurements"], 12, 0.2188)
+    passes = 0.14405 + microbatch.optimizer_step_s(probe["measurements"])
+    assert microbatch.loop_factor(looped) == pytest.approx(0.2188 / passes)
+    chosen = microbatch.choose(looped, 12, budget_of(probe), probe["seq_len"])
+    assert (chosen["micro"], chosen["accumulation"]) == (plain["micro"], plain["accumulation"]) == (12, 1)
+    assert chosen["step_s"] == pytest.approx(0.2188)
+    assert chosen["fallbacks"] == plain["fallbacks"]
+    four, plain_four = (next(o for o in found["options"] if o["micro"] == 4) for found in (chosen, plain))
+    assert four["step_s"] / plain_four["step_s"] == pytest.approx(0.2188 / passes)
+    # A loop run at 6 × 2 counts its two passes.
+    assert microbatch.loop_factor(with_loop(probe["measurements"], 4, 0.6, accumulation=3)) == pytest.approx(
+        0.6 / (3 * 0.14493 + microbatch.optimizer_step_s(probe["measurements"])))
+
+
+@pytest.mark.parametrize("name", ["h200_0.5b_probe_loop.json", "h200_7b_probe_loop.json"])
+def test_a_probe_with_its_trainer_loop_predicts_the_next_runs_time_per_epoch_within_15_percent(name: str) -> None:
+    """Each fixture's `measured_run`: the run that followed the probe on the same H200
+    (bench/gpu/results/h200_auto_*_loop.json). 0.5B: a loop step of 231.8 ms where the passes alone
+    said 186.5 ms."""
+    probe = recorded(name)
+    chosen = microbatch.choose(probe["measurements"], probe["step"], budget_of(probe), probe["seq_len"])
+    assert (chosen["micro"], chosen["accumulation"]) == (12, 1)
+    assert chosen["step_s"] == pytest.approx(probe["measurements"][-1]["loop_step_s"])
+    run = probe["measured_run"]
+    epoch_s = run["steps"] * chosen["step_s"] + batching.LOOP_START_S
+    assert abs(epoch_s / run["train_runtime"] - 1) < 0.15
 
 
 def test_predictions_interpolate_between_measured_sizes_and_never_extrapolate() -> None:
@@ -267,6 +309,27 @@ def test_an_out_of_memory_fallback_is_recorded_and_the_cache_learns_it(
     stale = client.post(f"/internal/v1/runs/{run['id']}/probe", headers=worker_headers,
                         json=probe_report("h200_7b_probe.json", attempt=2))
     assert stale.status_code == 409
+
+
+def test_the_estimate_from_a_probe_takes_the_time_per_step_of_its_trainer_loop(
+        client: TestClient, session: Session, worker_headers: dict[str, str], model_dir: Path) -> None:
+    config = run_config_factory(session, str(model_dir), gpus=1, params=GPU_PARAMS)
+    gpu_worker(client, worker_headers)
+    run = start_and_claim(client, worker_headers, config.id)
+    report = probe_report("h200_7b_probe.json")
+    report["measurements"] = with_loop(report["measurements"], 12, 0.929)
+    client.post(f"/internal/v1/runs/{run['id']}/probe", headers=worker_headers, json=report).raise_for_status()
+    [stored] = session.exec(select(BatchProbe)).all()
+    assert stored.measurements[-1]["loop_step_s"] == 0.929 and stored.measurements[-1]["loop_accumulation"] == 1
+    plan = client.get(f"/api/v1/runs/{run['id']}").json()["batch_plan"]
+    assert plan["predicted"]["step_s"] == pytest.approx(0.929)
+    estimate = plan["estimate_probe"]
+    assert estimate["source"].startswith("probe ") and estimate["micro"] == 12
+    assert estimate["step_s"] == pytest.approx(0.929, abs=1e-4)
+    # Time per epoch: its optimizer steps at the loop's time, and the loop's start (spread over the epochs).
+    speed = batching._config_estimate(session, config, 1, "NVIDIA H200", 143_771.0)
+    start = batching.LOOP_START_S / max(1.0, float(config.params.get("num_train_epochs") or 0))
+    assert estimate["epoch_s"] == pytest.approx(speed["steps_per_epoch"] * 0.929 + start, abs=0.06)
 
 
 def test_a_finished_run_is_measured_against_the_estimate_it_was_shown(

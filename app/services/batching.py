@@ -655,8 +655,10 @@ def _speed_estimate(session: Session, *, model_id: int | None, dataset_ids: list
     if predicted is not None:
         peak = peak or predicted["peak_reserved_mib"]
         if step_s is None:
+            # The passes' time at this split, as the trainer's own loop measured it in the probe.
             fb = predicted["fb_s"] * (1.0 if packs(args) else padded_share(lengths, cutoff, micro))
-            step_s = accumulation * fb + microbatch.optimizer_step_s(_measurements(probe))
+            step_s = ((accumulation * fb + microbatch.optimizer_step_s(_measurements(probe)))
+                      * microbatch.loop_factor(_measurements(probe)))
             factor, runs = probe_calibration(session, device, key_shape)
             source = f"probe {probe.id} on {probe.gpu_name}"
             if factor is not None:

@@ -429,11 +429,7 @@ def phase_panel(env: Env, shape: str, params: dict[str, Any], timeout_s: float) 
         env.save("panel_worker", through_worker)
         report("panel_worker", through_worker)
     # The same YAML the worker ran, with its data, in a fresh folder: the raw CLI.
-    config = yaml.safe_load((run_dir / "train.yaml").read_text())
-    direct_dir = fresh_run_dir(env, "panel_direct")
-    shutil.copy(run_dir / "dataset_info.json", direct_dir / "dataset_info.json")
-    shutil.rmtree(direct_dir / "data")
-    shutil.copytree(run_dir / "data", direct_dir / "data")
+    config, direct_dir = raw_copy(env, "panel_direct", run_dir)
     log("raw CLI on the worker's train.yaml")
     direct = direct_run(env, "panel_direct", config, direct_dir, shape, [] if env.smoke else [0], timeout_s)
     env.save("panel_direct", direct)
@@ -486,7 +482,7 @@ def auto_run(env: Env, panel, config_id: int, shape: str, share: float, timeout_
     result.update(split=_split_of(run_dir), plan=plan, results=run["results"],
                   probe_s=(plan.get("probe") or {}).get("probe_s"),
                   probe_log=[line["line"] for line in panel.api.get(f"/api/v1/runs/{run['id']}/logs").json()
-                             if line["line"].startswith("probe [")][-12:])
+                             if line["line"].startswith("probe [")][-16:])
     env.save(name, result)
     report(name, result)
     choice = (plan.get("choice") or {}).get("batch") or {}
@@ -524,13 +520,61 @@ def seed_oversized_split(smoke: bool) -> int:
         return micro
 
 
-def phase_auto(env: Env, shapes: list[str], timeout_s: float, fallback: bool) -> None:
+def raw_copy(env: Env, name: str, run_dir: Path) -> tuple[dict[str, Any], Path]:
+    """A worker run's own train.yaml and data in a fresh folder, for the raw CLI."""
+    config = yaml.safe_load((run_dir / "train.yaml").read_text())
+    direct_dir = fresh_run_dir(env, name)
+    shutil.copy(run_dir / "dataset_info.json", direct_dir / "dataset_info.json")
+    shutil.rmtree(direct_dir / "data")
+    shutil.copytree(run_dir / "data", direct_dir / "data")
+    return config, direct_dir
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {"values": values, "median": round(statistics.median(values), 1), "min": min(values), "max": max(values),
+            "spread": round((max(values) - min(values)) / statistics.median(values), 4)}
+
+
+def interleaved(env: Env, panel, shape: str, config_id: int, share: float, run_dir: Path, order: str,
+                timeout_s: float) -> None:
+    """Worker path against the raw CLI on the same train.yaml, interleaved (`order`: R = raw CLI, W =
+    through the panel, after the cached run that was W0), while the panel runs in both cases: the
+    medians, their ratio, the spread. Host-bound shapes vary by ±10 % between runs of either path."""
+    smoke = env.smoke
+    worker = [env.results[f"auto_{shape}_cache"].get("real_tokens_per_s")]
+    raw: list[float | None] = []
+    for index, kind in enumerate(order, start=1):
+        if kind == "R":
+            config, direct_dir = raw_copy(env, f"auto_{shape}_raw{index}", run_dir)
+            log(f"{shape} interleaved {index}/{len(order)}: raw CLI ({config['per_device_train_batch_size']} × "
+                f"{config['gradient_accumulation_steps']})")
+            result = direct_run(env, f"auto_{shape}_raw{index}", config, direct_dir, shape, [] if smoke else [0], timeout_s)
+            env.save(f"auto_{shape}_raw{index}", result)
+            report(f"auto_{shape}_raw{index}", result)
+            raw.append(result.get("real_tokens_per_s"))
+        else:
+            log(f"{shape} interleaved {index}/{len(order)}: through the panel")
+            result, _ = auto_run(env, panel, config_id, shape, share, timeout_s, f"auto_{shape}_worker{index}")
+            worker.append(result.get("real_tokens_per_s"))
+    if None in worker or None in raw or not raw:
+        log(f"{shape}: a run of the interleaved series measured nothing (worker {worker}, raw {raw})")
+        return
+    summary = {"order": "W" + order, "worker": spread(worker), "raw": spread(raw)}
+    summary["ratio_of_medians"] = round(summary["worker"]["median"] / summary["raw"]["median"], 4)
+    # The default config (the automatic split) against the best raw tokens/s at the same sequences per step.
+    summary["default_vs_best_raw_median"] = summary["ratio_of_medians"]
+    summary["default_vs_best_raw_run"] = round(summary["worker"]["median"] / max(raw), 4)
+    env.save(f"auto_{shape}_interleaved", summary)
+    log(f"{shape}: worker {summary['worker']} raw {summary['raw']} ratio of medians {summary['ratio_of_medians']}")
+
+
+def phase_auto(env: Env, shapes: list[str], timeout_s: float, fallback: bool, order: str) -> None:
     """The panel's default GPU config (4 × 3 with the automatic micro-batch) through the worker: a first
-    run probes, a second one takes the cached choice; then the raw CLI on the second run's YAML, and
-    (fallback) a real out-of-memory error at a split the cache wrongly says fits."""
+    run probes, a second one takes the cached choice; then the raw CLI on the second run's YAML
+    interleaved with more runs through the panel (`order`), and (fallback) a real out-of-memory error
+    at a split the cache wrongly says fits."""
     smoke = env.smoke
     extra = {"TUNEBOARD_PROBE_CPU": "1"} if smoke else {}
-    direct: list[tuple[str, str, Path]] = []
     with live_panel(env, "none" if smoke else "0", extra) as panel:
         for shape in shapes:
             params = {**RECOMMENDED, "num_train_epochs": 1.0}
@@ -551,7 +595,7 @@ def phase_auto(env: Env, shapes: list[str], timeout_s: float, fallback: bool) ->
             share = share_for(env, params)
             auto_run(env, panel, config_id, shape, share, timeout_s, f"auto_{shape}_probe")
             _, run_dir = auto_run(env, panel, config_id, shape, share, timeout_s, f"auto_{shape}_cache")
-            direct.append((shape, f"auto_{shape}_raw", run_dir))
+            interleaved(env, panel, shape, config_id, share, run_dir, order, timeout_s)
         env.save("batch_probes", panel.api.get("/api/v1/batch-probes").json())
         if fallback:
             shape = shapes[0]
@@ -560,32 +604,102 @@ def phase_auto(env: Env, shapes: list[str], timeout_s: float, fallback: bool) ->
                       "max_steps": 5}
             config_id = panel_config(env, shape, params, 0 if smoke else 1, f"fallback-{shape}")
             auto_run(env, panel, config_id, shape, share_for(env, params), timeout_s, f"auto_{shape}_fallback")
-    for shape, name, run_dir in direct:
-        config = yaml.safe_load((run_dir / "train.yaml").read_text())
-        direct_dir = fresh_run_dir(env, name)
-        shutil.copy(run_dir / "dataset_info.json", direct_dir / "dataset_info.json")
-        shutil.rmtree(direct_dir / "data")
-        shutil.copytree(run_dir / "data", direct_dir / "data")
-        log(f"{name}: raw CLI on the worker's train.yaml ({config['per_device_train_batch_size']} × "
-            f"{config['gradient_accumulation_steps']})")
-        result = direct_run(env, name, config, direct_dir, shape, [] if smoke else [0], timeout_s)
-        env.save(name, result)
-        report(name, result)
-        worker = env.results.get(f"auto_{shape}_cache", {})
-        if "real_tokens_per_s" in result and "real_tokens_per_s" in worker:
-            ratio = worker["real_tokens_per_s"] / result["real_tokens_per_s"]
-            env.save(f"auto_{shape}_ratio", round(ratio, 4))
-            log(f"{shape}: worker/raw real tokens/s {ratio:.4f} (target ≥ 0.99)")
     summary = []
     for shape in shapes:
-        for kind in ("probe", "cache", "raw"):
+        for kind in ("probe", "cache"):
             r = env.results.get(f"auto_{shape}_{kind}", {})
             plan = r.get("plan") or {}
             summary.append(
                 f"{shape:5} {kind:6} split {r.get('split')} tok/s {r.get('real_tokens_per_s')} probe_s {r.get('probe_s')} "
                 f"est {json.dumps(plan.get('estimate'))} est_probe {json.dumps(plan.get('estimate_probe'))} "
                 f"measured {json.dumps(plan.get('measured'))} errors {json.dumps(plan.get('errors'))}")
+        summary.append(f"{shape:5} interleaved {json.dumps(env.results.get(f'auto_{shape}_interleaved'))}")
     log("auto summary:\n" + "\n".join(summary))
+
+
+# --------------------------------------------------------------------------- issue 17: evaluation throughput
+def phase_eval(env: Env, shape: str, rows: int, max_new_tokens: int, timeout_s: float) -> None:
+    """LLaMA-Factory's predict through the panel (POST /api/v1/evaluations → scheduler → worker →
+    `llamafactory-cli train` with do_predict on a GPU → predictions scored and uploaded) on the first
+    `rows` bench rows, then `llamafactory-cli train` directly on the predict.yaml the worker wrote;
+    rows/s over the whole job and over LLaMA-Factory's predict_runtime. vLLM's backend needs the
+    serving env's vllm, which this machine may lack: then it is recorded as not run."""
+    from app.settings import get_settings
+    from tests.factories import dataset_factory
+
+    data = json.loads((env.assets / "data" / f"{DATASET}.json").read_text())[:rows]
+    with live_panel(env, "none" if env.smoke else "0") as panel:
+        from sqlmodel import Session
+
+        from app.db import get_engine
+        from app.models import ModelEntry
+        from app.wire import model_fingerprint
+
+        path = env.model(shape)
+        with Session(get_engine()) as session:
+            model = ModelEntry(name=f"{shape}-model", path=str(path), model_type="qwen2",
+                               fingerprint=model_fingerprint(path) or "")
+            session.add(model)
+            session.commit()
+            model_id = model.id
+            dataset_id = dataset_factory(session, "eval-rows", data).id
+        body = {"model_id": model_id, "dataset_id": dataset_id, "max_rows": rows, "max_new_tokens": max_new_tokens,
+                "template": "qwen", "cutoff_len": COMMON["cutoff_len"], "gpus": 0 if env.smoke else 1,
+                "backend": "llamafactory"}
+        started = time.monotonic()
+        created = panel.api.post("/api/v1/evaluations", json=body)
+        created.raise_for_status()
+        evaluation_id = created.json()["id"]
+        while (job := panel.api.get(f"/api/v1/evaluations/{evaluation_id}").json())["status"] not in (
+                "succeeded", "failed", "cancelled", "lost"):
+            if time.monotonic() - started > timeout_s:
+                break
+            time.sleep(0.2)
+        submit_to_end = time.monotonic() - started
+        result = {k: job.get(k) for k in ("status", "status_reason", "rows_evaluated", "elapsed_s", "generate_s",
+                                          "metrics", "backend", "max_new_tokens")}
+        result["submit_to_end_s"] = round(submit_to_end, 2)
+        if job["status"] == "succeeded":
+            n = job["rows_evaluated"]
+            result.update(rows_per_s_job=round(n / job["elapsed_s"], 3), rows_per_s_predict=round(n / job["generate_s"], 3),
+                          rows_per_s_submit_to_end=round(n / submit_to_end, 3))
+        env.save("eval_panel_llamafactory", result)
+        log(f"eval through the panel (LLaMA-Factory predict): {json.dumps(result)}")
+        folder = get_settings().path("evaluations", str(evaluation_id))
+        if job["status"] != "succeeded":
+            print(panel.log()[-4000:], flush=True)
+            return
+        # The very predict.yaml the worker wrote, straight to the CLI, with the worker's environment.
+        text = (folder / "predict.yaml").read_text().replace(str(folder / "output"), str(folder / "cli-output"))
+        cli_yaml = folder / "predict-cli.yaml"
+        cli_yaml.write_text(text)
+        cli_env = {**trainer_env(folder / "cli-output", [] if env.smoke else [0])}
+        for key in ("LLAMABOARD_ENABLED", "LLAMABOARD_WORKDIR"):
+            cli_env.pop(key)
+        started = time.monotonic()
+        done = subprocess.run([env.cli, "train", str(cli_yaml)], cwd=folder, capture_output=True, text=True,
+                              env=cli_env, timeout=timeout_s)
+        wall = time.monotonic() - started
+        if done.returncode != 0:
+            env.save("eval_cli_llamafactory", {"exit_code": done.returncode, "log_tail": done.stderr[-3000:]})
+            print(done.stderr[-3000:], flush=True)
+            return
+        cli = json.loads((folder / "cli-output" / "predict_results.json").read_text())
+        n = result["rows_evaluated"]
+        direct = {"wall_s": round(wall, 2), "predict_runtime": cli.get("predict_runtime"),
+                  "rows_per_s_job": round(n / wall, 3), "rows_per_s_predict": round(n / cli["predict_runtime"], 3),
+                  "metrics": {k: v for k, v in cli.items() if k.startswith("predict_")}}
+        env.save("eval_cli_llamafactory", direct)
+        ratios = {"job": round(result["rows_per_s_job"] / direct["rows_per_s_job"], 4),
+                  "predict_runtime": round(result["rows_per_s_predict"] / direct["rows_per_s_predict"], 4)}
+        env.save("eval_ratio_panel_vs_cli", ratios)
+        log(f"eval raw CLI: {json.dumps(direct)}; panel / CLI rows/s {json.dumps(ratios)} (target ≥ 0.98)")
+    # The serving env's python where one is set up, else this machine's own.
+    serve_python = get_settings().serve_python if Path(get_settings().serve_python).is_file() else sys.executable
+    found = subprocess.run([serve_python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True)
+    env.save("eval_vllm", {"python": serve_python, "importable": found.returncode == 0,
+                           "detail": (found.stdout or found.stderr)[-300:]})
+    log(f"vllm on this machine: {env.results['eval_vllm']}")
 
 
 # --------------------------------------------------------------------------- main
@@ -603,6 +717,9 @@ def main() -> None:
     parser.add_argument("--no-liger", action="store_true", help="the recommended config without Liger kernels")
     parser.add_argument("--auto-shapes", default="0.5b", help="auto: the shapes to run (issue 19)")
     parser.add_argument("--fallback", action="store_true", help="auto: also the out-of-memory fallback run")
+    parser.add_argument("--order", default="RWR", help="auto: raw CLI (R) and panel (W) runs after the cached one")
+    parser.add_argument("--eval-rows", type=int, default=1000, help="eval: rows evaluated")
+    parser.add_argument("--eval-new-tokens", type=int, default=32, help="eval: max_new_tokens")
     args = parser.parse_args()
     if args.no_liger:
         RECOMMENDED["enable_liger_kernel"] = False
@@ -643,7 +760,10 @@ def main() -> None:
     if "panel" in phases:
         phase_panel(env, panel_shape, panel_params, args.timeout)
     if "auto" in phases:
-        phase_auto(env, ["tiny"] if args.cpu_smoke else args.auto_shapes.split(","), args.timeout, args.fallback)
+        phase_auto(env, ["tiny"] if args.cpu_smoke else args.auto_shapes.split(","), args.timeout, args.fallback,
+                   args.order)
+    if "eval" in phases:
+        phase_eval(env, "tiny" if args.cpu_smoke else "0.5b", args.eval_rows, args.eval_new_tokens, args.timeout)
     if "multi" in phases:
         phase_multi(env, "0.5b", {**RECOMMENDED, **SMALL_MODEL, "max_steps": 120}, args.timeout)
     log("done")

@@ -15,7 +15,9 @@ the same loss, optimizer and mixed precision). Then, for micro-batches 1, 2, 4, 
 full-length sequences (cutoff_len + 1 tokens when packing, as LLaMA-Factory packs them) and records
 the peak memory (torch's counters, reset before each size; the process's peak RSS on a CPU) and the
 time of forward + backward and of the optimizer step. It stops at the first size that runs out of
-memory or would pass the memory budget.
+memory or would pass the memory budget. Last, at the split the panel will choose from these
+measurements, it runs LLaMA-Factory's trainer loop itself for a few optimizer steps (`loop_step_s` on
+that size's measurement): what a run's step costs beyond the passes timed alone.
 
 Writes one JSON object to RESULT.json: {"ok", "device", "total_mib", "overhead_mib", "base_mib",
 "seq_len", "measurements": [...], "load_s", "probe_s", "versions", "error"}; prints progress lines.
@@ -23,8 +25,10 @@ Standalone on purpose: imports nothing from app/ (microbatch.py is standard-libr
 """
 from __future__ import annotations
 
+import copy
 import gc
 import json
+import math
 import os
 import sys
 import tempfile
@@ -38,6 +42,13 @@ import microbatch  # noqa: E402
 
 STARTED = time.monotonic()
 MIB = 1024 * 1024
+# The trainer loop: steps left out of its timing (data loader workers starting, the first step), and
+# about how long the timed steps should take, in at least / at most this many steps.
+LOOP_WARMUP_STEPS = 2
+LOOP_TARGET_S = 4.0
+LOOP_MIN_STEPS, LOOP_MAX_STEPS = 3, 16
+# Distinct synthetic rows the loop's data repeats.
+LOOP_ROWS = 64
 
 
 def say(message: str) -> None:
@@ -105,6 +116,19 @@ def _meminfo_kib(field: str) -> float:
 def is_oom(error: BaseException) -> bool:
     text = f"{type(error).__name__}: {error}"
     return "OutOfMemoryError" in text or "out of memory" in text or "can't allocate memory" in text
+
+
+class RepeatedRows:
+    """A map-style dataset of `length` rows cycling through a few synthetic ones (the loop's data)."""
+
+    def __init__(self, rows: list[dict[str, Any]], length: int) -> None:
+        self.rows, self.length = rows, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[index % len(self.rows)]
 
 
 # --------------------------------------------------------------------------- the probe
@@ -189,6 +213,41 @@ def probe(request: dict[str, Any]) -> dict[str, Any]:
         device.sync()
         return (middle - start) / passes, time.perf_counter() - middle
 
+    def trainer_loop(micro: int, accumulation: int, passes_step_s: float) -> tuple[float, int]:
+        """Seconds per optimizer step of LLaMA-Factory's trainer (the run's arguments, its LogCallback,
+        its data loader) on synthetic full-length sequences at this split, after the warm-up steps;
+        and the steps timed."""
+        from llamafactory.train.callbacks import LogCallback
+        from transformers import PrinterCallback, TrainerCallback
+        from transformers.utils import logging as transformers_logging
+
+        timed = max(LOOP_MIN_STEPS, min(LOOP_MAX_STEPS, math.ceil(LOOP_TARGET_S / max(passes_step_s, 1e-3))))
+        ends: list[float] = []
+
+        class StepEnds(TrainerCallback):
+            def on_step_end(self, *_args: Any, **_kwargs: Any) -> None:
+                ends.append(time.perf_counter())
+
+        loop_args = copy.copy(training_args)
+        loop_args.per_device_train_batch_size, loop_args.gradient_accumulation_steps = micro, accumulation
+        loop_args.max_steps, loop_args.disable_tqdm = LOOP_WARMUP_STEPS + timed, True
+        ids = torch.randint(0, vocab, (LOOP_ROWS, seq_len), generator=generator).tolist()
+        rows = RepeatedRows([{"input_ids": row, "attention_mask": [1] * seq_len, "labels": row} for row in ids],
+                            loop_args.max_steps * micro * accumulation)
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_warning()  # the trainer's banners would land in the run's log
+        try:
+            loop = CustomSeq2SeqTrainer(model=model, args=loop_args, finetuning_args=finetuning_args,
+                                        data_collator=collator, train_dataset=rows,
+                                        callbacks=[LogCallback(), StepEnds()], **tokenizer_module)
+            loop.remove_callback(PrinterCallback)  # and its per-step lines
+            loop.train()
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        device.sync()
+        steps = len(ends) - LOOP_WARMUP_STEPS
+        return (ends[-1] - ends[LOOP_WARMUP_STEPS - 1]) / steps, steps
+
     measurements: list[dict[str, Any]] = []
     budget = microbatch.memory_budget_mib(total_mib, overhead_start, margin)
     while (micro := microbatch.plan_next(measurements, step, budget, base_mib)) is not None:
@@ -222,8 +281,32 @@ def probe(request: dict[str, Any]) -> dict[str, Any]:
                              "opt_s": round(opt_s, 5), "steps": timed_steps,
                              "single_pass_s": round(times[1][0], 5)})
         say(f"micro-batch {micro}: {reserved:.0f} MiB reserved ({allocated:.0f} allocated), "
-            f"{fb_s * 1000:.1f} ms forward+backward, {opt_s * 1000:.1f} ms optimizer step, "
+            f"{fb_s * 1000:.1f} ms forward+backward ({times[1][0] * 1000:.1f} ms as a pass alone), "
+            f"{opt_s * 1000:.1f} ms optimizer step, "
             f"{micro * seq_len / fb_s:,.0f} tokens/s")
+    # The trainer's own loop at the split the panel will choose (microbatch.choose on the same
+    # measurements). A run's optimizer step costs more than its passes timed alone: the data loader,
+    # the token count and loss check after every micro-batch (each waits for the device), logging, the
+    # scheduler. On a host-bound model that is a large share: on an H200 the 0.5B shape's passes took
+    # 0.14 s and its runs' steps 0.19–0.22 s.
+    chosen = microbatch.choose(measurements, step, budget, seq_len)
+    measured = next((m for m in measurements if m.get("ok") and m["micro"] == chosen["micro"]), None)
+    if measured is not None:
+        # The passes' optimizer state and gradients go first: the loop makes its own.
+        wrapped.zero_grad(set_to_none=True)
+        trainer.accelerator.free_memory()
+        trainer.optimizer = trainer.lr_scheduler = None
+        device.reset()
+        try:
+            loop_s, loop_steps = trainer_loop(chosen["micro"], chosen["accumulation"], chosen["step_s"])
+        except Exception as failure:  # noqa: BLE001 - the passes' measurements stand without it
+            say(f"trainer loop at {chosen['micro']} × {chosen['accumulation']} failed: {failure!r}"[:500])
+        else:
+            measured.update(loop_step_s=round(loop_s, 5), loop_accumulation=chosen["accumulation"],
+                            loop_steps=loop_steps)
+            say(f"trainer loop at {chosen['micro']} × {chosen['accumulation']}: {loop_s * 1000:.1f} ms per optimizer "
+                f"step over {loop_steps} steps (the passes alone: {chosen['step_s'] * 1000:.1f} ms, "
+                f"× {loop_s / chosen['step_s']:.2f})")
     _, overhead_mib = device.totals()
     return {
         "ok": any(m["ok"] for m in measurements), "device": device.name, "total_mib": round(total_mib, 1),

@@ -7,7 +7,9 @@ and S / m accumulation steps: the same sequences per step, so the same loss curv
 changes speed and memory. Standard library only: both environments import this file.
 
 A measurement is a dict: {"micro": m, "ok": bool, "peak_reserved_mib", "peak_allocated_mib",
-"fb_s" (forward + backward of one micro-batch), "opt_s" (clip + optimizer step + zero_grad), "error"}.
+"fb_s" (forward + backward of one micro-batch), "opt_s" (clip + optimizer step + zero_grad), "error"};
+the size the probe expects to be chosen also has "loop_step_s" (an optimizer step of the trainer's own
+loop at `loop_accumulation` micro-batches per step, over "loop_steps" steps).
 """
 
 from __future__ import annotations
@@ -130,17 +132,30 @@ def optimizer_step_s(measurements: list[dict[str, Any]]) -> float:
     return statistics.median(times) if times else 0.0
 
 
+def loop_factor(measurements: list[dict[str, Any]]) -> float:
+    """The trainer loop's time per optimizer step over what the passes alone predict for the same
+    split (1.0 when the probe ran no loop). It scales every split alike: the choice between splits
+    stays the passes', the time per step becomes the loop's."""
+    for m in _fitted(measurements):
+        if m.get("loop_step_s") and m.get("fb_s"):
+            passes = int(m.get("loop_accumulation") or 1) * float(m["fb_s"]) + optimizer_step_s(measurements)
+            if passes > 0:
+                return float(m["loop_step_s"]) / passes
+    return 1.0
+
+
 def options(measurements: list[dict[str, Any]], step: int, budget_mib: float, seq_len: int) -> list[dict[str, Any]]:
     """Every split of `step` sequences per GPU the measurements can speak for, with its predicted
-    peak memory, time per optimizer step and tokens/s (per GPU)."""
+    peak memory, time per optimizer step (the trainer loop's, loop_factor) and tokens/s (per GPU)."""
     opt_s = optimizer_step_s(measurements)
+    factor = loop_factor(measurements)
     found = []
     for micro in divisors(step):
         predicted = predict(measurements, micro)
         if predicted is None:
             continue
         accumulation = step // micro
-        step_s = accumulation * predicted["fb_s"] + opt_s
+        step_s = (accumulation * predicted["fb_s"] + opt_s) * factor
         found.append({
             "micro": micro, "accumulation": accumulation,
             "peak_reserved_mib": round(predicted["peak_reserved_mib"], 1),
