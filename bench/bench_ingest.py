@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/bench_ingest.py [--size-mb 1024] [--keep DIR] [--skip-datasets]
 
-Generates a ~size-MiB Alpaca JSON array in a temp dir (deleted afterwards), runs
-`app.services.dataset_ingest.ingest_path` in a fresh subprocess and reports throughput and the
-child's peak RSS (ru_maxrss via wait4), then times `datasets.load_dataset("json", data_files=...)`
-in a subprocess of the training env (.envs/train/bin/python) and prints the ratio.
-Both runs read the file from the page cache (it was just written).
+Generates a ~size-MiB Alpaca JSON array in a temp dir (deleted afterwards), then in a fresh
+subprocess feeds it the way an upload is fed: the dataset service's IncomingFile (validator, hash,
+and the stored copy written to a data dir of its own) in the web layer's hand-off chunks
+(app/web/uploads.py FEED_BYTES). It reports throughput and the child's peak RSS (ru_maxrss via
+wait4), then times `datasets.load_dataset("json", data_files=...)` in a subprocess of the training
+env (.envs/train/bin/python) and prints the ratio. Both runs read the file from the page cache (it
+was just written). bench/bench_upload.py measures the whole HTTP upload.
 """
 
 from __future__ import annotations
@@ -83,12 +85,19 @@ def generate(path: Path, size_mb: int, seed: int = 1234) -> tuple[int, int]:
 
 
 INGEST_CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 sys.path.insert(0, sys.argv[2])
-from app.services.dataset_ingest import ingest_path
+os.environ["TUNEBOARD_DATA_DIR"] = sys.argv[3]
+from app.services.datasets import IncomingFile, UploadOptions
+from app.web.uploads import FEED_BYTES
 t = time.perf_counter()
-r = ingest_path(sys.argv[1])
+incoming = IncomingFile(UploadOptions(), os.path.basename(sys.argv[1]))
+with open(sys.argv[1], "rb", buffering=0) as source:
+    while chunk := source.read(FEED_BYTES):
+        incoming.write(chunk)
+r = incoming.finish()
 dt = time.perf_counter() - t
+incoming.discard()
 print(json.dumps({"seconds": dt, "rows": r.rows, "bytes": r.bytes, "ok": r.ok, "issues": r.issue_counts,
                   "prompt_chars": r.prompt_chars.__dict__, "response_chars": r.response_chars.__dict__,
                   "sample": len(r.sample), "sha256": r.sha256}))
@@ -140,7 +149,7 @@ def main() -> int:
         print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
 
         load = os.getloadavg()[0]
-        res, wall, rss, cpu = run_child([sys.executable, "-c", INGEST_CHILD, str(path), str(ROOT)])
+        res, wall, rss, cpu = run_child([sys.executable, "-c", INGEST_CHILD, str(path), str(ROOT), str(tmp / "data")])
         mbps = size / 1e6 / res["seconds"]
         print(f"ingest : {res['seconds']:.2f}s  {mbps:.1f} MB/s  peak RSS {rss:.0f} MiB  rows={res['rows']} "
               f"ok={res['ok']} issues={res['issues']}")

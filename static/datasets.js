@@ -67,6 +67,7 @@
 
     // The keys of the first row, read from the first MiB only (JSON array or JSON Lines).
     async function sniffKeys(picked) {
+      if (/\.txt$/i.test(picked.name)) return []; // plain text: one pre-training document per line
       const head = (await picked.slice(0, 1048576).text()).replace(/^\uFEFF/, "").trimStart();
       const text = head.startsWith("[") ? firstObject(head.slice(1)) : head.split("\n", 1)[0];
       try { const row = JSON.parse(text); return row && typeof row === "object" && !Array.isArray(row) ? Object.keys(row) : []; }
@@ -94,7 +95,11 @@
     }
     function keysMatchDefaults(format) {
       if (!firstKeys.length) return true; // unreadable head: let the server explain
-      if (format === "alpaca") return firstKeys.includes("instruction") && firstKeys.includes("output");
+      const has = (key) => firstKeys.includes(key);
+      if (format === "alpaca") {
+        // SFT (output), ranking (chosen + rejected), or pre-training text alone
+        return (has("instruction") && (has("output") || (has("chosen") && has("rejected")))) || (has("text") && !has("instruction"));
+      }
       return firstKeys.includes("conversations") || firstKeys.includes("messages");
     }
 
@@ -133,6 +138,7 @@
       data.append("name", nameInput.value.trim());
       data.append("description", document.getElementById("upload-description").value);
       const mapped = columns();
+      data.append("kind", document.getElementById("upload-kind").value);
       data.append("formatting", mapped ? detected() : formatting.value);
       if (mapped) data.append("columns", JSON.stringify(mapped));
       data.append("file", file, file.name);
@@ -155,7 +161,7 @@
       xhr.onload = () => {
         let body = {};
         try { body = JSON.parse(xhr.responseText); } catch { body = { detail: xhr.statusText }; }
-        if (xhr.status === 201) { statusText.textContent = "Stored."; window.location.href = `/datasets/${body.id}`; return; }
+        if (xhr.status === 201) { statusText.textContent = `Stored as a ${body.kind} dataset (${body.formatting}).`; window.location.href = `/datasets/${body.id}`; return; }
         done(); progress.hidden = true; statusText.textContent = "";
         const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
         showError(`Not stored (${xhr.status}): ${detail}`);

@@ -16,8 +16,7 @@ from app.services.dataset_ingest import (
     DatasetIngest,
     DatasetTooLarge,
     dataset_info_entry,
-    ingest_path,
-    ingest_stream,
+    refuse_unusable,
 )
 
 ALPACA = [
@@ -46,6 +45,20 @@ def comparable(report) -> dict:
     d = report.to_dict()
     d.pop("elapsed_s")
     return d
+
+
+def ingest_stream(stream, *, read_size: int = 4 * 1024 * 1024, **options):
+    """A stream fed the way uploads are: chunk by chunk into DatasetIngest.feed."""
+    options.setdefault("chunk_size", read_size)
+    ing = DatasetIngest(**options)
+    while chunk := stream.read(read_size):
+        ing.feed(chunk)
+    return ing.finish()
+
+
+def ingest_path(path: str, **options):
+    with open(path, "rb") as stream:
+        return ingest_stream(stream, **options)
 
 
 def feed_chunks(data: bytes, sizes, **kw):
@@ -272,7 +285,7 @@ def test_instruction_number_rejects(tmp_path):
     assert "number" in r.first_fatal["message"]
     assert r.issue_counts["mixed_types"] == 1  # string in row 1, number in row 2
     with pytest.raises(DatasetFormatError, match="row 2"):
-        r.raise_if_rejected()
+        refuse_unusable(r)
 
 
 def test_history_not_list_of_pairs(tmp_path):
@@ -542,19 +555,40 @@ def test_stats_percentiles_and_reservoir(tmp_path):
     assert r2.sample == r.sample  # seeded
 
 
-def test_threaded_and_plain_stream_agree(tmp_path):
+def test_read_sizes_agree(tmp_path):
     data = _mixed_file()
     path = write(tmp_path, "m.json", data)
     a = ingest_path(path, read_size=1000)
-    b = ingest_path(path, read_size=777, threaded=False)
+    b = ingest_path(path, read_size=777)
     assert comparable(a) == comparable(b)
-    assert a.sha256 == hashlib.sha256(data).hexdigest()
+    # The hash is of the content as stored: the file less its BOM.
+    assert a.bom and a.sha256 == hashlib.sha256(data.removeprefix(b"\xef\xbb\xbf")).hexdigest()
 
 
-def test_reader_error_propagates():
-    class Boom(io.RawIOBase):
-        def read(self, n=-1):
-            raise OSError("disk on fire")
+# ------------------------------------------------------------------------------ other kinds
+def test_text_lines_anywhere_across_chunks():
+    """A plain text file is cut into lines as `datasets`' text loader cuts it (str.splitlines),
+    whatever the chunks: CRLF split between two of them, a multi-byte character, no final newline."""
+    data = "\ufeffone\r\ntwo é東京\n\nthree\u2028four\rfive".encode()
+    ref = comparable(feed_chunks(data, iter(lambda: len(data), None), container="txt", chunk_size=4096))
+    texts = [row["text"] for row in ref["preview"]]
+    assert texts == "one\r\ntwo é東京\n\nthree\u2028four\rfive".splitlines() and ref["kind"] == "pretrain"
+    assert ref["bom"] and ref["sha256"] == hashlib.sha256(data[3:]).hexdigest()
+    for n in (1, 2, 3, 5):
+        assert comparable(feed_chunks(data, iter(lambda: n, None), container="txt", chunk_size=n)) == ref
 
-    with pytest.raises(OSError, match="disk on fire"):
-        ingest_stream(Boom())
+
+def test_kind_detected_from_row_one():
+    def kind_of(rows, **kw):
+        r = feed_chunks(jdump(rows).encode(), iter(lambda: 10**6, None), **kw)
+        return r.kind, r.formatting
+    assert kind_of([{"instruction": "q", "chosen": "a", "rejected": "b"}]) == ("ranking", "alpaca")
+    assert kind_of([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                     "label": True}]) == ("kto", "sharegpt")
+    assert kind_of([{"text": "a document"}]) == ("pretrain", "alpaca")
+    assert kind_of(ALPACA) == ("sft", "alpaca")
+    # Mapped onto other keys, chosen/rejected are ranking columns; asked for SFT, such a file is refused.
+    assert kind_of([{"q": "x", "good": "a", "bad": "b"}],
+                   columns={"prompt": "q", "chosen": "good", "rejected": "bad"}) == ("ranking", "alpaca")
+    with pytest.raises(DatasetFormatError, match="preference"):
+        kind_of([{"instruction": "q", "chosen": "a", "rejected": "b"}], kind="sft")

@@ -242,7 +242,8 @@ DATASET_INFO = {
     "alpaca_demo": {"file_name": "alpaca_demo.json"},
     "chat_demo": {"file_name": "sub/chat.jsonl", "formatting": "sharegpt",
                   "columns": {"messages": "conversations"}},
-    "dpo_demo": {"file_name": "dpo.json", "ranking": True, "columns": {"prompt": "instruction"}},
+    "dpo_demo": {"file_name": "dpo.json", "ranking": True,
+                 "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
     "c4_demo": {"file_name": "c4.jsonl", "columns": {"prompt": "text"}},
     "hub_demo": {"hf_hub_url": "someone/data"},
 }
@@ -250,14 +251,18 @@ CHAT = json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": 
 
 
 def test_import_a_zip_of_a_data_folder(client, session) -> None:
+    dpo = json.dumps([{"instruction": "q", "input": "", "chosen": "good", "rejected": "bad"}]).encode()
     archive = _zip({"data/dataset_info.json": json.dumps(DATASET_INFO).encode(),
-                    "data/alpaca_demo.json": ALPACA, "data/sub/chat.jsonl": CHAT})
+                    "data/alpaca_demo.json": ALPACA, "data/sub/chat.jsonl": CHAT, "data/dpo.json": dpo,
+                    "data/c4.jsonl": b'{"text": "a document"}\n'})
     response = client.post("/api/v1/datasets/import", files={"archive": ("data.zip", archive)})
     assert response.status_code == 201, response.text
     body = response.json()
-    assert sorted(d["name"] for d in body["registered"]) == ["alpaca_demo", "chat_demo"]
-    assert {s["name"] for s in body["skipped"]} == {"dpo_demo", "c4_demo", "hub_demo"}
-    assert "pre-training" in next(s["reason"] for s in body["skipped"] if s["name"] == "c4_demo")
+    # Preference and pre-training entries are registered with their kind (issue 18); only the hub entry is not.
+    kinds = sorted((d["name"], d["kind"]) for d in body["registered"])
+    assert kinds == [("alpaca_demo", "sft"), ("c4_demo", "pretrain"), ("chat_demo", "sft"), ("dpo_demo", "ranking")]
+    assert {s["name"] for s in body["skipped"]} == {"hub_demo"}
+    assert "not a local file" in body["skipped"][0]["reason"]
 
 
 def test_import_files_and_the_page_form(client, session) -> None:

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from app.cli import cli
 from app.db import get_engine
 from app.models import Dataset, ModelEntry
+from app.models.user import UserRole
 from app.services.users import create_token, create_user
 from tests.factories import alpaca_rows, dataset_factory
 from tests.live import app_in_thread
@@ -27,7 +28,7 @@ def live_server(data_dir: Path) -> Iterator[tuple[int, str]]:
     """The real app on a free port and an API token of an admin."""
     with app_in_thread() as port:
         with Session(get_engine()) as session:
-            user = create_user(session, "admin", "long enough password", is_admin=True)
+            user = create_user(session, "admin", "long enough password", role=UserRole.admin)
             _, token = create_token(session, user, "tests")
         yield port, token
 
@@ -74,6 +75,12 @@ def test_cli_adds_and_lists_datasets(live_server, tmp_path, monkeypatch) -> None
     assert again.exit_code == 1 and "already uploaded as dataset 'cli_data'" in again.output
     listed = runner.invoke(cli, ["dataset", "list"])
     assert listed.exit_code == 0 and "cli_data" in listed.output and "jsonl" in listed.output
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"instruction": "q", "input": "", "chosen": "good", "rejected": "bad"}]))
+    added = runner.invoke(cli, ["dataset", "add", str(pairs), "--kind", "ranking"])
+    assert added.exit_code == 0 and "ranking alpaca json" in added.output, added.output
+    listed = runner.invoke(cli, ["dataset", "list", "--kind", "ranking"])
+    assert listed.exit_code == 0 and "pairs" in listed.output and "cli_data" not in listed.output
 
 
 @pytest.mark.slow
@@ -113,9 +120,9 @@ def test_browser_upload_with_progress_column_mapping_and_errors(live_server, tmp
     """The list page in Chromium: a file whose keys differ gets the column-mapping form; the XHR
     upload (with the page's CSRF header) lands on the detail page; a bad file shows the refusal;
     the token histogram and the rendered row appear for the tiny model."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    from tests.live import CHROMIUM, CHROMIUM_ARGS
+    from tests.live import chromium_page, log_in_page
 
     port, _ = live_server
     url = f"http://127.0.0.1:{port}"
@@ -126,14 +133,8 @@ def test_browser_upload_with_progress_column_mapping_and_errors(live_server, tmp
     mapped.write_text("\n".join(json.dumps({"q": f"question {i}", "a": f"answer {i}"}) for i in range(3000)))
     latin = tmp_path / "latin.json"
     latin.write_bytes('[{"instruction": "caf\xe9", "output": "ok"}]'.encode("latin-1"))
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(f"{url}/login")
-        page.fill("input[name=username]", "admin")
-        page.fill("input[name=password]", "long enough password")
-        page.locator("form button[type=submit], form button:not([type])").first.click()
-        page.wait_for_load_state()
+    with chromium_page() as page:
+        log_in_page(page, url, "admin", "long enough password")
 
         page.goto(f"{url}/datasets")
         expect(page.locator(".empty")).to_contain_text("Upload your first dataset")
@@ -159,7 +160,6 @@ def test_browser_upload_with_progress_column_mapping_and_errors(live_server, tmp
         expect(page.locator("#token-chart canvas")).to_be_visible(timeout=180_000)
         expect(page.locator("#tokens")).to_contain_text("would be truncated")
         expect(page.locator("pre.rendered mark")).to_contain_text("answer 0")
-        browser.close()
 
 
 LOAD_WITH_LLAMAFACTORY = """

@@ -3,10 +3,8 @@ route of the worker channel."""
 
 from __future__ import annotations
 
-import re
 from html import escape
 from typing import Annotated, Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, Request, status
 from fastapi.responses import Response, StreamingResponse
@@ -14,16 +12,21 @@ from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from app.auth import CurrentUser, OwnerQuery, require_owner
 from app.db import SessionDep
 from app.models import Dataset, DatasetPublic, DatasetUpdate, ModelEntry
-from app.models.dataset import DatasetDetail, DatasetImportResult
-from app.security import safe_filename
+from app.models.dataset import DatasetDetail, DatasetImportResult, DatasetKind
+from app.security import attachment_disposition
 from app.services import datasets as service
 from app.services.datasets import DatasetError
+from app.services.users import owned_by, owner_id_filter
 from app.templating import is_htmx, render
+from app.web.uploads import receive_upload
 
 router = APIRouter(tags=["datasets-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["datasets"])
+# Changing one needs its owner or an admin (app/services/permissions.py).
+OWNED_DATASET = require_owner(service.get_dataset, "dataset_id", "dataset")
 internal_router = APIRouter(tags=["datasets-internal"])
 
 DEFAULT_CUTOFF_LEN = 1024
@@ -38,17 +41,17 @@ def _detail(dataset: Dataset) -> DatasetDetail:
     )
 
 
+MEDIA_TYPES = {"json": "application/json", "jsonl": "application/jsonl", "txt": "text/plain; charset=utf-8"}
+
+
 def _download(dataset: Dataset) -> StreamingResponse:
-    # The original name goes only into the header: made safe for display, with an ASCII fallback
-    # beside its UTF-8 form (RFC 6266), since header values are Latin-1.
-    shown = safe_filename(dataset.original_filename or f"dataset.{dataset.file_kind}")
-    fallback = re.sub(r"[^A-Za-z0-9_. -]+", "_", shown).strip(". ") or f"dataset.{dataset.file_kind}"
+    # The original name goes only into the header, never into a path.
     path = service.data_file(dataset)
+    disposition = attachment_disposition(dataset.original_filename, f"dataset.{dataset.file_kind}")
     return StreamingResponse(
         service.iter_file(path),
-        media_type="application/json" if dataset.file_kind == "json" else "application/jsonl",
-        headers={"Content-Disposition": f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(shown)}",
-                 "Content-Length": str(path.stat().st_size)},
+        media_type=MEDIA_TYPES[dataset.file_kind],
+        headers={"Content-Disposition": disposition, "Content-Length": str(path.stat().st_size)},
     )
 
 
@@ -62,9 +65,7 @@ async def _import(request: Request, session: Session) -> service.ImportResult:
             return await run_in_threadpool(service.import_from_zip, session, archive.file)
         info = form.get("dataset_info")
         if not isinstance(info, UploadFile):
-            raise DatasetError(
-                status.HTTP_400_BAD_REQUEST, "send a zip as 'archive', or 'dataset_info' with its 'files'"
-            )
+            raise DatasetError("send a zip as 'archive', or 'dataset_info' with its 'files'")
         files = {
             upload.filename: upload.file
             for upload in form.getlist("files") if isinstance(upload, UploadFile) and upload.filename
@@ -80,8 +81,10 @@ def _models(session: Session) -> list[ModelEntry]:
 
 
 @router.get("/datasets")
-def datasets_page(request: Request, session: SessionDep):
-    context = {"section": "datasets", "datasets": service.list_datasets(session),
+def datasets_page(request: Request, session: SessionDep, user: CurrentUser, owner: OwnerQuery = None):
+    """`?owner=me`: only the caller's datasets (the page's "Mine" toggle)."""
+    rows = owned_by(service.list_datasets(session), owner_id_filter(session, user, owner))
+    context = {"section": "datasets", "datasets": rows, "owner": owner,
                "max_upload_bytes": request.app.state.settings.max_upload_bytes}
     # htmx refreshes only the list (after an import); a normal visit gets the whole page.
     return render(request, "datasets/list.html", context, block="list" if is_htmx(request) else None)
@@ -117,7 +120,7 @@ def dataset_page(request: Request, dataset_id: int, session: SessionDep):
 
 
 # Refusals in page fragments answer 200 with the message inline: htmx swaps only 2xx responses.
-@router.post("/datasets/{dataset_id}/edit")
+@router.post("/datasets/{dataset_id}/edit", dependencies=[OWNED_DATASET])
 def edit_page(
     request: Request, dataset_id: int, session: SessionDep,
     name: Annotated[str, Form()], description: Annotated[str, Form()] = "",
@@ -133,7 +136,7 @@ def edit_page(
     return render(request, "datasets/detail.html", {"dataset": dataset, "saved": True}, block="header")
 
 
-@router.post("/datasets/{dataset_id}/delete")
+@router.post("/datasets/{dataset_id}/delete", dependencies=[OWNED_DATASET])
 def delete_page(request: Request, dataset_id: int, session: SessionDep):
     dataset = service.get_dataset(session, dataset_id)
     try:
@@ -164,8 +167,9 @@ def tokens_page(
 
 # ------------------------------------------------------------------------------------------ API
 @api_router.get("/datasets", response_model=list[DatasetPublic])
-def list_datasets(session: SessionDep):
-    return service.list_datasets(session)
+def list_datasets(session: SessionDep, user: CurrentUser, owner: OwnerQuery = None, kind: DatasetKind | None = None):
+    """Every dataset, or those of one `kind` (sft, ranking, kto, pretrain)."""
+    return owned_by(service.list_datasets(session, kind), owner_id_filter(session, user, owner))
 
 
 @api_router.post("/datasets", response_model=DatasetPublic, status_code=status.HTTP_201_CREATED,
@@ -173,13 +177,15 @@ def list_datasets(session: SessionDep):
                      "type": "object", "required": ["file"], "properties": {
                          "file": {"type": "string", "format": "binary"},
                          "name": {"type": "string"}, "description": {"type": "string"},
+                         "kind": {"type": "string", "enum": list(service.UPLOAD_KINDS)},
                          "formatting": {"type": "string", "enum": list(service.FORMATTINGS)},
                          "columns": {"type": "string", "description": "JSON object: role → key"},
                          "tags": {"type": "string", "description": "JSON object (sharegpt tags)"}}}}}}})
 async def upload_dataset(request: Request, session: SessionDep):
-    """Multipart `file` (plus optional `name`, `description`, `formatting`, `columns`, `tags`, sent
-    before the file), streamed to disk through the validator."""
-    return await service.receive_upload(request, session)
+    """Multipart `file` (plus optional `name`, `description`, and `kind`, `formatting`, `columns`,
+    `tags` sent before the file), streamed to disk through the validator. The answer's `kind` says
+    what the file was found to be (sft, ranking, kto or pretrain)."""
+    return await receive_upload(request, session)
 
 
 @api_router.post("/datasets/import", response_model=DatasetImportResult, status_code=status.HTTP_201_CREATED)
@@ -195,13 +201,13 @@ def get_dataset(dataset_id: int, session: SessionDep):
     return _detail(service.get_dataset(session, dataset_id))
 
 
-@api_router.patch("/datasets/{dataset_id}", response_model=DatasetDetail)
+@api_router.patch("/datasets/{dataset_id}", dependencies=[OWNED_DATASET], response_model=DatasetDetail)
 def update_dataset(dataset_id: int, update: DatasetUpdate, session: SessionDep):
     dataset = service.get_dataset(session, dataset_id)
     return _detail(service.update_dataset(session, dataset, name=update.name, description=update.description))
 
 
-@api_router.delete("/datasets/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+@api_router.delete("/datasets/{dataset_id}", dependencies=[OWNED_DATASET], status_code=status.HTTP_204_NO_CONTENT)
 def delete_dataset(dataset_id: int, session: SessionDep):
     service.delete_dataset(session, service.get_dataset(session, dataset_id))
 
