@@ -66,3 +66,30 @@ document.addEventListener("htmx:afterSettle", (event) => {
     first?.focus();
   }
 });
+
+// The chosen stage and fine-tuning type decide which fields, notes and datasets apply: the others
+// are hidden (the panel drops a hidden field's value on save) and an unfit dataset says so.
+function applies(el, stage, type) {
+  const stages = (el.dataset.stages || "").split(",").filter(Boolean);
+  const types = (el.dataset.types || "").split(",").filter(Boolean);
+  return (!stages.length || stages.includes(stage)) && (!types.length || types.includes(type));
+}
+function followStageAndType() {
+  const stage = document.getElementById("stage")?.value || "sft";
+  const type = document.getElementById("finetuning_type")?.value || "lora";
+  document.querySelectorAll("#config-form .param-field, #config-form .stage-note").forEach((el) => {
+    el.hidden = !applies(el, stage, type);
+  });
+  const list = document.getElementById("dataset_ids");
+  const kinds = JSON.parse(list?.dataset.stageKinds || "{}")[stage] || [];
+  list?.querySelectorAll(".dataset-choice").forEach((choice) => {
+    choice.querySelector(".dataset-misfit").hidden = kinds.includes(choice.dataset.kind);
+  });
+  const gpus = document.getElementById("gpus");
+  const note = document.getElementById("qlora-cpu-note");
+  if (note && gpus) note.hidden = Number(gpus.value) !== 0;
+}
+document.addEventListener("change", (event) => {
+  if (["stage", "finetuning_type", "gpus"].includes(event.target.id)) followStageAndType();
+});
+document.addEventListener("DOMContentLoaded", followStageAndType);

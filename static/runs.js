@@ -73,11 +73,14 @@
   const EVAL = (color) => ({ stroke: color, width: 2, paths: () => null, points: { show: true, size: 9, width: 2, fill: "#fff" } });
 
   // A uPlot chart in `el`; made again (not re-scaled) when the log scale or the x-axis changes.
-  function makeChart(el, series, { log = false, xLabel = "step" } = {}) {
+  // `share`: series with `scale: "share"` go on a 0–1 axis on the right (accuracies beside rewards).
+  function makeChart(el, series, { log = false, xLabel = "step", share = false } = {}) {
+    const axes = [{ label: xLabel, values: (_u, ticks) => ticks.map(number) }, { size: 60, values: (_u, ticks) => ticks.map(number) }];
+    if (share) axes.push({ scale: "share", side: 1, size: 40, grid: { show: false }, values: (_u, ticks) => ticks.map(number) });
     const opts = {
       width: Math.max(el.clientWidth, 260), height: 220,
-      scales: { x: { time: false }, y: log ? { distr: 3, log: 10 } : {} },
-      axes: [{ label: xLabel, values: (_u, ticks) => ticks.map(number) }, { size: 60, values: (_u, ticks) => ticks.map(number) }],
+      scales: { x: { time: false }, y: log ? { distr: 3, log: 10 } : {}, ...(share ? { share: { range: [0, 1] } } : {}) },
+      axes,
       series: [{ label: xLabel, value: (_u, v) => number(v) }, ...series.map((s) => ({ spanGaps: true, points: { show: false }, ...s }))],
       legend: { live: true },
     };
@@ -123,7 +126,7 @@
     const points = new Map();
     data.metrics.forEach((m) => points.set(m.step, m));
     let timing = JSON.parse(document.getElementById("run-header").dataset.timing);
-    const elements = { loss: "chart-loss", lr: "chart-lr", tps: "chart-tps" };
+    const elements = { loss: "chart-loss", lr: "chart-lr", tps: "chart-tps", rewards: "chart-rewards", accuracy: "chart-accuracy" };
     const charts = {};
 
     function build() {
@@ -135,6 +138,15 @@
       ], { log: settings.log, xLabel });
       charts.lr = replaceChart(charts.lr, document.getElementById(elements.lr), [{ label: "lr", ...TRAIN(PALETTE[2]) }], { xLabel });
       charts.tps = replaceChart(charts.tps, document.getElementById(elements.tps), [{ label: "tokens/s", ...TRAIN(PALETTE[3]) }], { xLabel });
+      // The preference stages' curves (smoothed like the loss; their panels stay hidden for other stages).
+      charts.rewards = replaceChart(charts.rewards, document.getElementById(elements.rewards), [
+        { label: "chosen", ...TRAIN(PALETTE[2]) },
+        { label: "rejected", ...TRAIN(PALETTE[1]) },
+        { label: "margin", ...TRAIN(PALETTE[0]) },
+        { label: "accuracy", scale: "share", ...TRAIN(PALETTE[4]), dash: [6, 4] },
+      ], { xLabel, share: true });
+      charts.accuracy = replaceChart(charts.accuracy, document.getElementById(elements.accuracy),
+        [{ label: "eval accuracy", ...EVAL(PALETTE[4]) }], { xLabel });
       draw();
     }
 
@@ -153,6 +165,15 @@
       charts.lr.setData([xs, col("learning_rate")]);
       const tps = col("tokens_per_s");
       charts.tps.setData([xs, tps]);
+      const shown = (name) => rows.some((r) => r.point[name] !== null && r.point[name] !== undefined);
+      const rewardsShown = shown("rewards_chosen") || shown("rewards_accuracies");
+      document.getElementById("chart-rewards-panel").hidden = !rewardsShown;
+      if (rewardsShown) {
+        const s = (name) => smooth(col(name), settings.smoothing);
+        charts.rewards.setData([xs, s("rewards_chosen"), s("rewards_rejected"), s("rewards_margins"), s("rewards_accuracies")]);
+      }
+      document.getElementById("chart-accuracy-panel").hidden = !shown("eval_accuracy");
+      if (shown("eval_accuracy")) charts.accuracy.setData([xs, col("eval_accuracy")]);
       // Say why a chart is empty instead of leaving it blank.
       document.getElementById("chart-tps-note").hidden = !rows.length || tps.some((v) => v !== null);
     }
@@ -191,11 +212,12 @@
       document.getElementById("run-remaining").textContent = duration(remaining);
     }
 
-    function refresh(target) {
-      return htmx.ajax("GET", `/runs/${runId}`, { target: `#${target}`, swap: "outerHTML" });
+    // `section`: a block of this page served at /runs/{id}/{section}, into #run-{section}.
+    function refresh(section) {
+      return htmx.ajax("GET", `/runs/${runId}/${section}`, { target: `#run-${section}`, swap: "outerHTML" });
     }
     function refreshHeader() {
-      refresh("run-header").then(() => {
+      refresh("header").then(() => {
         timing = JSON.parse(document.getElementById("run-header").dataset.timing);
         progress({});
       });
@@ -211,7 +233,7 @@
       const shown = Number(document.getElementById("run-checkpoints")?.dataset.latest || 0);
       if (due > shown && performance.now() - checkpointAskedAt > CHECKPOINT_POLL_MS) {
         checkpointAskedAt = performance.now();
-        refresh("run-artifacts");
+        refresh("artifacts");
       }
     }
 
@@ -243,7 +265,7 @@
       const badge = document.querySelector("[data-status]");
       if (badge) { badge.textContent = change.status; badge.className = `badge ${change.status}`; }
       refreshHeader(); // actions, the worker it landed on, a new attempt's timing
-      if (FINISHED.has(change.status)) refresh("run-artifacts");
+      if (FINISHED.has(change.status)) refresh("artifacts");
     });
     // The run is over and everything was sent: close instead of letting EventSource reconnect.
     source.addEventListener("end", () => source.close());

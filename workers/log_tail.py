@@ -8,8 +8,10 @@ so the last line may be half-written); a file that shrinks or is replaced (a new
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -142,6 +144,9 @@ def metric_point(record: dict[str, Any]) -> dict[str, Any] | None:
         "tokens_per_s": _number(record, "throughput"),
         "total_tokens": int(record["total_tokens"]) if _number(record, "total_tokens") is not None else None,
         "grad_norm": _number(record, "grad_norm"),
+        # A DPO train line carries rewards/accuracies as "accuracy"; the other rewards are only
+        # in the Trainer's own log line on stdout (see StageMetrics).
+        "rewards_accuracies": _number(record, "accuracy"),
     }
     if values["loss"] is None and values["eval_loss"] is None:
         return None  # the final summary line repeats the last step's throughput, nothing new
@@ -161,6 +166,93 @@ def progress_of(record: dict[str, Any]) -> dict[str, Any] | None:
         "elapsed_time": parse_duration(record.get("elapsed_time")),
         "remaining_time": parse_duration(record.get("remaining_time")),
     }
+
+
+# --- the Trainer's log lines on stdout -------------------------------------------------------
+
+# transformers prints each `Trainer.log` call as a Python dict repr (floats as "%.4g" strings),
+# after whatever tqdm left on the terminal line: {'loss': '0.4965', ..., 'epoch': '0.6667'}. Not
+# LLaMA-Factory's own summary of it (LLAMABOARD_ENABLED), a logger line: "[INFO|…] … >> {'loss': …}".
+_TRAINER_LOG_LINE = re.compile(r"(?<!>> )\{'[^{}]*\}$")
+# Trainer log keys LLaMA-Factory's trainer_log.jsonl leaves out, in the app's field names.
+STAGE_METRIC_KEYS = {
+    "rewards/chosen": "rewards_chosen",
+    "rewards/rejected": "rewards_rejected",
+    "rewards/accuracies": "rewards_accuracies",
+    "rewards/margins": "rewards_margins",
+    "eval_accuracy": "eval_accuracy",  # RM
+    "eval_rewards/accuracies": "eval_accuracy",  # DPO
+}
+
+
+def trainer_log_line(line: str) -> dict[str, Any] | None:
+    """The dict of one stdout line the Trainer printed for a log call (it has an epoch), or None."""
+    match = _TRAINER_LOG_LINE.search(line.rstrip())
+    if match is None:
+        return None
+    try:
+        logged = ast.literal_eval(match.group(0))
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return logged if isinstance(logged, dict) and "epoch" in logged else None
+
+
+def _logged_float(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and not isinstance(value, bool) else None
+
+
+def _epoch_text(value: Any) -> str | None:
+    """An epoch as the Trainer prints it ("%.4g"), to check that two records are one log call."""
+    number = _logged_float(value)
+    return None if number is None else f"{number:.4g}"
+
+
+class StageMetrics:
+    """DPO/KTO rewards and RM accuracy, which LLaMA-Factory's trainer_log.jsonl leaves out, from the
+    Trainer's log lines on stdout. Those lines carry no step: every `Trainer.log` call writes one
+    trainer_log.jsonl record and one stdout line, in the same order, so the n-th of each belong
+    together (both with the same epoch: a pair whose epochs differ is not one call, and the side
+    with the earlier epoch had no partner, e.g. an evaluation after training prints nothing)."""
+
+    def __init__(self) -> None:
+        self._records: list[tuple[int, str]] = []  # (step, epoch) of trainer_log records not yet paired
+        self._lines: list[tuple[str, dict[str, float]]] = []  # (epoch, stage values) of stdout lines
+
+    def restart(self) -> None:
+        """trainer_log.jsonl starts again (a relaunch): what was waiting has no partner any more."""
+        self._records.clear()
+        self._lines.clear()
+
+    def add_record(self, record: dict[str, Any]) -> None:
+        epoch = _epoch_text(record.get("epoch"))
+        if isinstance(record.get("current_steps"), int) and epoch is not None:
+            self._records.append((record["current_steps"], epoch))
+
+    def add_line(self, line: str) -> None:
+        logged = trainer_log_line(line)
+        if logged is None or (epoch := _epoch_text(logged["epoch"])) is None:
+            return
+        values = {field: number for key, field in STAGE_METRIC_KEYS.items()
+                  if key in logged and (number := _logged_float(logged[key])) is not None}
+        self._lines.append((epoch, values))
+
+    def points(self) -> list[dict[str, Any]]:
+        """Metric points of the pairs complete so far (only those with a stage value)."""
+        points = []
+        while self._records and self._lines:
+            (step, record_epoch), (line_epoch, values) = self._records[0], self._lines[0]
+            if record_epoch != line_epoch:
+                (self._records if float(record_epoch) < float(line_epoch) else self._lines).pop(0)
+                continue
+            self._records.pop(0)
+            self._lines.pop(0)
+            if values:
+                points.append({"step": step, **values})
+        return points
 
 
 @dataclass
@@ -184,6 +276,12 @@ class RunTails:
         trainer_log = output_dir / "trainer_log.jsonl"
         self.trainer_log = FileTail.from_end(trainer_log) if resume else FileTail(trainer_log)
         self.log_sources = {"stdout": FileTail(stdout_log)}
+        self.stage_metrics = StageMetrics()
+
+    def restart_trainer_log(self) -> None:
+        """Follow a trainer_log.jsonl that a relaunch writes again from its first line."""
+        self.trainer_log = FileTail(self.trainer_log.path)
+        self.stage_metrics.restart()
 
     def read(self, *, final: bool = False) -> TailBatch:
         batch = TailBatch()
@@ -199,9 +297,10 @@ class RunTails:
             if (point := metric_point(record)) is not None:
                 batch.metrics.append(point)
             batch.progress = progress_of(record) or batch.progress
+            self.stage_metrics.add_record(record)
         for source, tail in self.log_sources.items():
-            batch.logs += [
-                {"source": source, "offset": line.offset, "line": line.line}
-                for line in tail.read(final=final)
-            ]
+            for line in tail.read(final=final):
+                batch.logs.append({"source": source, "offset": line.offset, "line": line.line})
+                self.stage_metrics.add_line(line.line)
+        batch.metrics += self.stage_metrics.points()
         return batch

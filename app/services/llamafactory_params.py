@@ -24,6 +24,48 @@ ARGUMENT_NAMES_TIMEOUT_S = 300
 
 SECTIONS = ("model", "method", "dataset", "output", "train", "eval")
 
+# The stages a config may train (PPO is not offered: STAGE_NOT_OFFERED) and the dataset kinds each
+# one reads (app/models/dataset.py's Dataset.kind).
+STAGES = ("sft", "dpo", "kto", "rm", "pt")
+STAGE_DATASET_KINDS: dict[str, tuple[str, ...]] = {
+    "sft": ("sft",), "dpo": ("ranking",), "rm": ("ranking",), "kto": ("kto",), "pt": ("pretrain",),
+}
+DATASET_KIND_WORDS = {
+    "sft": "an SFT dataset (instruction → response rows)",
+    "ranking": "a preference dataset (chosen and rejected responses)",
+    "kto": "a KTO dataset (responses tagged desirable or not)",
+    "pretrain": "a pre-training dataset (plain text)",
+}
+STAGE_HELP = {
+    "sft": "Supervised fine-tuning: the model learns to give each row's response to its prompt.",
+    "dpo": "Direct preference optimisation: from pairs of a chosen and a rejected response, the model learns to"
+           " prefer the chosen one. Start from an SFT model; learning rates are lower than SFT's (5e-6 is usual"
+           " for full fine-tuning, 5e-5 for LoRA). The run charts the rewards of both and their margin.",
+    "kto": "KTO: like DPO, but from single responses tagged desirable or undesirable (no pairs needed). The run"
+           " charts the rewards of both kinds and their margin.",
+    "rm": "Reward model: learns a score that puts the chosen response above the rejected one. It is not a chat"
+          " model; the run charts the share of held-out pairs it ranks right (needs held-out rows: val_size).",
+    "pt": "Continued pre-training: next-token prediction on plain text (no template roles), in chunks of the"
+          " max tokens per example.",
+}
+STAGE_NOT_OFFERED = {
+    "ppo": "PPO needs a reward model (a finished rm run's adapter) loaded beside the"
+           " policy, and the panel cannot hand one to a run yet. Train an rm run, or use dpo or kto, which need"
+           " no reward model.",
+}
+
+
+def dataset_misfit(stage: str, dataset_name: str, kind: str) -> str:
+    """Why a dataset of `kind` cannot train `stage`, and what would."""
+    needs = " or ".join(DATASET_KIND_WORDS[k] for k in STAGE_DATASET_KINDS[stage])
+    fitting = [s for s, kinds in STAGE_DATASET_KINDS.items() if kind in kinds]
+    return (f"{dataset_name} is {DATASET_KIND_WORDS.get(kind, f'a {kind} dataset')}: stage {stage} trains on {needs}."
+            f" Choose such a dataset, or stage {' or '.join(fitting)} for this one")
+
+
+# LLaMA-Factory 0.9.5's FinetuningArguments.pref_loss.
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo")
+
 
 @dataclass(frozen=True)
 class Param:
@@ -36,6 +78,13 @@ class Param:
     # Shown in the form (the rest are only known for placement and typing of imported YAML).
     in_form: bool = True
     nullable: bool = False
+    # The stages and fine-tuning types it applies to (empty: all); the form shows it only there.
+    stages: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+
+    def applies(self, stage: str | None, finetuning_type: str | None) -> bool:
+        return ((not self.stages or (stage or "sft") in self.stages)
+                and (not self.types or (finetuning_type or "lora") in self.types))
 
     @property
     def label(self) -> str:
@@ -55,8 +104,9 @@ PARAMS: tuple[Param, ...] = (
     Param("trust_remote_code", "model", bool, None, "Run the model's own Python code from its folder.",
           in_form=False, nullable=True),
     Param("quantization_bit", "model", int, None,
-          "QLoRA: load the base model in 4 or 8 bits (bitsandbytes, GPU only). Empty = no quantization.",
-          choices=("4", "8"), nullable=True),
+          "QLoRA: load the base model in 4 or 8 bits and train LoRA on top. GPU only (bitsandbytes, which the"
+          " training environment must have); a CPU run refuses it. Empty = no quantization.",
+          choices=("4", "8"), nullable=True, types=("lora", "oft")),
     Param("flash_attn", "model", str, "auto", "Attention kernel: auto picks the fastest available.",
           choices=("auto", "disabled", "sdpa", "fa2", "fa3")),
     Param("enable_liger_kernel", "model", bool, None, "Liger's fused Triton kernels (GPU only, needs the liger-kernel"
@@ -65,22 +115,67 @@ PARAMS: tuple[Param, ...] = (
     Param("disable_gradient_checkpointing", "model", bool, None,
           "LLaMA-Factory checkpoints activations unless this is true.", in_form=False, nullable=True),
     # ### method
-    Param("stage", "method", str, "sft", "Training stage; the panel's form is made for SFT.",
-          choices=("sft", "pt", "rm", "ppo", "dpo", "kto")),
+    Param("stage", "method", str, "sft",
+          "What is trained, and so which datasets fit: sft on instruction → response rows, dpo and rm on"
+          " preference pairs, kto on responses tagged good or bad, pt on plain text. PPO is not offered (see below).",
+          choices=STAGES),
     Param("do_train", "method", bool, True, "Train (false only evaluates or predicts).", in_form=False),
-    Param("finetuning_type", "method", str, "lora", "LoRA trains small adapter matrices; the base stays frozen.",
+    Param("finetuning_type", "method", str, "lora",
+          "lora trains small adapter matrices beside a frozen base (QLoRA: on a quantized base); freeze trains the"
+          " last layers of the model itself; full trains every weight (the most memory: a whole model per run).",
           choices=("lora", "freeze", "full", "oft")),
-    Param("lora_rank", "method", int, 8, "Rank of the LoRA matrices: capacity of the adapter (8–64 is usual)."),
-    Param("lora_alpha", "method", int, None, "LoRA scaling numerator; empty = 2 × rank.", nullable=True),
+    Param("lora_rank", "method", int, 8, "Rank of the LoRA matrices: capacity of the adapter (8–64 is usual).",
+          types=("lora",)),
+    Param("lora_alpha", "method", int, None, "LoRA scaling numerator; empty = 2 × rank.", nullable=True,
+          types=("lora",)),
     Param("lora_dropout", "method", float, None, "Dropout on the LoRA path (0–0.1 is usual); empty = 0.",
-          nullable=True),
+          nullable=True, types=("lora",)),
     Param("lora_target", "method", str, "all",
-          "Modules that get adapters: all linear layers, or names like q_proj,v_proj."),
+          "Modules that get adapters: all linear layers, or names like q_proj,v_proj.", types=("lora",)),
+    Param("use_dora", "method", bool, None,
+          "DoRA: splits each weight into magnitude and direction and adapts both; often closer to full"
+          " fine-tuning at the same rank, slower steps.", nullable=True, types=("lora",)),
+    Param("use_rslora", "method", bool, None,
+          "rsLoRA: scales the adapter by alpha/√rank instead of alpha/rank, which keeps high ranks learning.",
+          nullable=True, types=("lora",)),
+    Param("pissa_init", "method", bool, None,
+          "PiSSA: starts the adapter from the principal singular vectors of each weight (faster convergence)."
+          " Not with kto, nor with dpo losses that need a reference model (sigmoid, hinge, ipo, kto_pair).",
+          nullable=True, types=("lora",)),
+    Param("loraplus_lr_ratio", "method", float, None,
+          "LoRA+: the B matrices learn this many times faster than A (16 is the paper's value). Empty = off.",
+          nullable=True, types=("lora",)),
+    Param("freeze_trainable_layers", "method", int, None,
+          "Layers trained: the last N (a negative number: the first N). Empty = LLaMA-Factory's 2.",
+          nullable=True, types=("freeze",)),
+    Param("freeze_trainable_modules", "method", str, None,
+          "Modules trained inside those layers: all, or names like mlp,self_attn. Empty = all.",
+          nullable=True, types=("freeze",)),
+    Param("freeze_extra_modules", "method", str, None,
+          "Modules outside the layers trained too, e.g. embed_tokens,lm_head. Empty = none.",
+          nullable=True, types=("freeze",)),
     Param("deepspeed", "method", str, None,
           "A DeepSpeed config bundled with LLaMA-Factory (examples/deepspeed/ds_z{0,2,3}[_offload]_config.json).",
           in_form=False, nullable=True),
-    Param("pref_beta", "method", float, None, "Preference loss beta (DPO/KTO).", in_form=False, nullable=True),
-    Param("pref_loss", "method", str, None, "Preference loss (DPO).", in_form=False, nullable=True),
+    Param("pref_beta", "method", float, None,
+          "How far the model may move from the reference: larger keeps it closer (DPO's β; KTO's too)."
+          " Empty = 0.1.", nullable=True, stages=("dpo", "kto")),
+    Param("pref_loss", "method", str, None,
+          "DPO's loss: sigmoid (DPO), hinge, ipo, kto_pair, or orpo and simpo, which need no reference model"
+          " (less memory). Empty = sigmoid.", choices=PREF_LOSSES, nullable=True, stages=("dpo",)),
+    Param("pref_ftx", "method", float, None,
+          "Weight of an SFT loss on the chosen responses added to DPO's (0 = none). Empty = 0.",
+          nullable=True, stages=("dpo",)),
+    Param("simpo_gamma", "method", float, None, "SimPO's target reward margin (pref_loss simpo). Empty = 0.5.",
+          nullable=True, stages=("dpo",)),
+    Param("dpo_label_smoothing", "method", float, None,
+          "cDPO: the share of pairs assumed mislabelled, 0–0.5 (pref_loss sigmoid only). Empty = 0.",
+          nullable=True, stages=("dpo",)),
+    Param("kto_chosen_weight", "method", float, None,
+          "Weight of the desirable responses' loss (raise it when they are rarer). Empty = 1.",
+          nullable=True, stages=("kto",)),
+    Param("kto_rejected_weight", "method", float, None,
+          "Weight of the undesirable responses' loss. Empty = 1.", nullable=True, stages=("kto",)),
     # ### dataset
     Param("dataset", "dataset", str, None, "Registered datasets, comma-joined.", in_form=False),
     Param("dataset_dir", "dataset", str, None, "Set by the panel per run.", in_form=False),
@@ -156,10 +251,15 @@ LABELS = {
     "num_train_epochs": "Epochs", "lr_scheduler_type": "Learning-rate schedule", "warmup_ratio": "Warm-up share",
     "bf16": "bf16 mixed precision", "ddp_timeout": "Multi-GPU timeout (s)", "seed": "Random seed",
     "val_size": "Held-out share for evaluation", "per_device_eval_batch_size": "Eval batch size per device",
+    "use_dora": "DoRA", "use_rslora": "rsLoRA", "pissa_init": "PiSSA initialisation", "loraplus_lr_ratio": "LoRA+ ratio",
+    "freeze_trainable_layers": "Trainable layers", "freeze_trainable_modules": "Trainable modules",
+    "freeze_extra_modules": "Extra trainable modules", "pref_beta": "Preference beta", "pref_loss": "Preference loss",
+    "pref_ftx": "SFT loss weight", "simpo_gamma": "SimPO gamma", "dpo_label_smoothing": "Label smoothing (cDPO)",
+    "kto_chosen_weight": "Desirable weight", "kto_rejected_weight": "Undesirable weight",
     "eval_strategy": "When to evaluate", "eval_steps": "Evaluate every N steps",
 }
 BASIC = frozenset({
-    "lora_rank", "template", "cutoff_len", "max_samples", "logging_steps", "save_steps",
+    "stage", "finetuning_type", "pref_beta", "pref_loss", "freeze_trainable_layers", "lora_rank", "template", "cutoff_len", "max_samples", "logging_steps", "save_steps",
     "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "bf16",
     "val_size", "eval_strategy", "eval_steps",
 })
