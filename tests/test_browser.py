@@ -8,7 +8,9 @@ an inline error first) → start a run → the loss and tokens/s charts gain poi
 the checkpoint table and the worker fill in live → succeeded → run again, cancel it from the
 dashboard, resume it: elapsed and remaining time carry across the attempts and the result plots
 are the resumed attempt's → deploy the first run's adapter on vLLM → a streamed reply in the
-playground (time to first token, tokens/s), still there after a reload → undeploy. On the way: a
+playground (time to first token, tokens/s), still there after a reload → undeploy → evaluate the
+first run with both backends from its page → merge its best checkpoint → serve the merged model →
+chat with it. On the way: a
 screenshot of each page into docs/screenshots/, times in the browser's locale, empty states,
 links between a run, its config, datasets and deployments, the run dashboard at phone width
 without horizontal overflow, and no request that answers 404 (the favicon).
@@ -31,12 +33,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from app.templating import duration
 from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, PROJECT_ROOT
-from tests.live import CHROMIUM, CHROMIUM_ARGS, free_port
+from tests.live import chromium_page, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -57,6 +59,8 @@ PAGE_TIMEOUT_MS = 120_000
 # steps, a checkpoint every 5. Seconds on an idle CPU; minutes on a busy shared one.
 ROWS = 120
 SAVE_STEPS = 5
+# Held-out rows an evaluation scores (of the 12 the run held out): few, for a short test.
+EVAL_ROWS = 4
 
 # Every uPlot chart a page makes, so the test can count the points it draws. uPlot's bundle
 # declares `var uPlot`, which assigns through this setter.
@@ -142,20 +146,12 @@ def _healthy(url: str) -> bool:
 
 @pytest.fixture
 def browser_page() -> Iterator[Page]:
-    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `make browser` installs Debian's Chromium"
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        # A locale and time zone unlike the server's (UTC), so localised times are visible.
-        context = browser.new_context(viewport=DESKTOP, locale="de-DE", timezone_id="Europe/Berlin")
-        context.add_init_script(RECORD_CHARTS)
-        context.set_default_timeout(PAGE_TIMEOUT_MS)
-        page = context.new_page()
+    # A locale and time zone unlike the server's (UTC), so localised times are visible.
+    with chromium_page(viewport=DESKTOP, locale="de-DE", timezone_id="Europe/Berlin",
+                       init_script=RECORD_CHARTS) as page:
+        page.context.set_default_timeout(PAGE_TIMEOUT_MS)
         page.on("dialog", lambda dialog: dialog.accept())  # hx-confirm
-        try:
-            yield page
-        finally:
-            context.close()
-            browser.close()
+        yield page
 
 
 def test_whole_loop_in_a_browser(panel: Panel, browser_page: Page, tmp_path: Path) -> None:
@@ -181,6 +177,9 @@ def test_whole_loop_in_a_browser(panel: Panel, browser_page: Page, tmp_path: Pat
     deployment_id = deploy(page, url, run_id)
     chat_in_playground(page)
     undeploy(page, url, deployment_id)
+    evaluate_both_backends(page, url, run_id)
+    merged_model = merge_the_best_checkpoint(page, url)
+    serve_merged_and_chat(page, url, merged_model)
     screenshot_workers(page, url)
     assert not_found == [], not_found  # every page's favicon and assets are there
     assert script_errors == [], script_errors
@@ -573,6 +572,64 @@ def undeploy(page: Page, url: str, deployment_id: int) -> None:
     reload_until(page, f"{url}/playground", page.locator(".empty", has_text="No model is ready"))
 
 
+def evaluate_both_backends(page: Page, url: str, run_id: int) -> None:
+    """From the run's page: its final adapter on its held-out rows with LLaMA-Factory's predict,
+    then with vLLM; each table row fills in (with the base model's score beside it) without a
+    reload; the generations page shows the rows side by side and searches them."""
+    page.goto(f"{url}/runs/{run_id}")
+    evaluations = page.locator("#evaluations-table tbody tr")
+    for number, backend in enumerate(("llamafactory", "vllm"), start=1):
+        page.select_option("#evaluate-checkpoint", value="")  # the final adapter
+        page.select_option("#evaluate-dataset", value="")  # the run's held-out split
+        page.select_option("#evaluate-backend", value=backend)
+        page.fill("#evaluate-max-rows", str(EVAL_ROWS))
+        page.click("#evaluate-form button[type=submit]")
+        refused_or_listed(page, "#evaluations-table tbody tr", number)
+        newest = evaluations.first  # newest first
+        expect(newest).to_contain_text(backend)
+        expect(newest).to_have_attribute("data-status", "succeeded", timeout=SERVE_TIMEOUT_MS)
+        expect(newest.locator("td.mono").first).to_have_text(re.compile(r"^\d+\.\d\d$"))  # BLEU-4
+        expect(newest.locator("td.mono").last).to_have_text(re.compile(r"^[+-]\d+\.\d\d$"))  # vs the base model
+    shoot(page, "run-evaluations", from_top=False)
+    evaluations.first.locator("a:has-text('generations')").click()
+    expect(page.locator("#generations tbody tr")).to_have_count(EVAL_ROWS)
+    first_prompt = page.locator("#generations tbody tr").first.locator("td").nth(1).inner_text()
+    number = re.search(r"Spell the number (\d+) ", first_prompt).group(1)
+    page.fill("#rows-search", f"Spell the number {number} in")
+    expect(page.locator("#generations tbody tr")).to_have_count(1, timeout=PAGE_TIMEOUT_MS)
+    expect(page.locator("#evaluation-rows")).to_contain_text("1 row(s)")
+    page.go_back()
+
+
+def merge_the_best_checkpoint(page: Page, url: str) -> str:
+    """The export form offers the best checkpoint (lowest eval loss) first among the checkpoints;
+    merging it registers a model, whose name the Models page shows. Returns that name."""
+    best = page.locator("#export-checkpoint option", has_text="best: lowest eval loss")
+    page.select_option("#export-checkpoint", value=best.get_attribute("value"))
+    page.click("#export-form button[type=submit]")
+    refused_or_listed(page, "#exports-table tbody tr", 1)
+    row = page.locator("#exports-table tbody tr").first
+    expect(row).to_have_attribute("data-status", "succeeded", timeout=SERVE_TIMEOUT_MS)
+    expect(row).to_contain_text(best.get_attribute("value"))
+    model_id = int(row.locator("a[href='/models']").inner_text().removeprefix("model #"))
+    return page.request.get(f"{url}/api/v1/models/{model_id}").json()["name"]
+
+
+def serve_merged_and_chat(page: Page, url: str, model_name: str) -> None:
+    """"Serve merged" starts vLLM on the merged model alone (no LoRA); once it is ready the Models
+    page offers Chat, and the playground streams its reply."""
+    page.locator("#exports-table button:has-text('Serve merged')").first.click()
+    expect(page).to_have_url(re.compile(r"/models"))
+    chat = page.locator(f"a[href='/playground?model={model_name}']")
+    reload_until(page, f"{url}/models", chat)
+    chat.click()
+    page.fill("#pg-max-tokens", "8")
+    page.fill("#pg-input", "Spell the number 7 in words.")
+    page.click("#pg-send")
+    expect(page.locator("#pg-stats")).to_contain_text("tokens/s", timeout=SERVE_TIMEOUT_MS)
+    assert page.locator("#pg-chat-adapter .pg-msg.assistant").last.inner_text().strip(), "empty reply"
+
+
 def screenshot_workers(page: Page, url: str) -> None:
     page.goto(url + "/workers")
     expect(page.locator(".worker-card .badge", has_text="online")).to_have_count(1)  # the embedded worker
@@ -581,6 +638,15 @@ def screenshot_workers(page: Page, url: str) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
+def refused_or_listed(page: Page, rows: str, count: int) -> None:
+    """After a form that starts a job: its table has `count` rows, or the refusal in the flash
+    region is the failure (the panel's reason, instead of a timeout)."""
+    page.wait_for_function(f"""() => document.querySelectorAll({json.dumps(rows)}).length >= {count}
+        || document.getElementById("flash")?.textContent.trim()""", timeout=PAGE_TIMEOUT_MS)
+    assert not page.locator("#flash").inner_text().strip(), page.locator("#flash").inner_text()
+    expect(page.locator(rows)).to_have_count(count)
+
+
 def expect_status(page: Page, status: str, timeout_ms: int) -> None:
     expect(page.locator("#run-header [data-status]")).to_have_text(status, timeout=timeout_ms)
 

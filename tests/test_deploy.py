@@ -4,6 +4,7 @@ pages. (The real vLLM / LLaMA-Factory servers are in test_deploy_serving.py.)"""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -121,8 +122,6 @@ def test_preflight_reads_rank_and_modules(tmp_path: Path, base_model: str):
     ("adapter_kwargs", "message"),
     [
         ({"rank": 128}, "rank is 128, above the server's limit of 64"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-        ({"extra_tensors": ("base_model.model.model.embed_tokens.weight",)}, "resized embeddings"),
         ({"modules": ("q_proj", "mystery_proj")}, "no LoRA on mystery_proj"),
     ],
 )
@@ -133,6 +132,106 @@ def test_deploy_refuses_an_adapter_vllm_cannot_serve(client, session, tmp_path, 
     assert response.status_code == 400
     assert message in response.json()["detail"]
     assert session.exec(select(InferenceServer)).first() is None  # nothing started
+
+
+@pytest.mark.parametrize(
+    ("adapter_kwargs", "dora", "words"),
+    [
+        ({}, True, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, False, "modules_to_save"),
+        ({"extra_tensors": ("base_model.model.model.embed_tokens.weight",)}, False, "full weights"),
+    ],
+)
+def test_an_adapter_vllm_cannot_serve_as_a_lora_waits_for_its_merge(client, session, tmp_path, base_model,
+                                                                      adapter_kwargs, dora, words):
+    model_factory(session, base_model)
+    out = write_adapter(tmp_path / "unservable", base_model, **adapter_kwargs)
+    if dora:
+        config = json.loads((out / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    run = finished_run_factory(session, str(out), base_model)
+    first = deploy(client, run.id, name="merged-a")
+    assert first["served_as"] == "merged" and first["status"] == "pending" and first["server"] is None
+    assert words in first["status_reason"] and first["status_reason"].startswith(f"merging (export {first['export_id']})")
+    export = client.get(f"/api/v1/exports/{first['export_id']}").json()
+    assert export["status"] == "queued" and export["run_id"] == run.id and export["checkpoint"] is None
+    # Another deployment of the same adapter waits for the same merge.
+    second = deploy(client, run.id, name="merged-b")
+    assert second["export_id"] == first["export_id"]
+    assert "merging…" in client.get("/deployments").text
+    # The merge ends without a model (cancelled here): the deployments waiting for it fail, saying so.
+    assert client.post(f"/api/v1/exports/{export['id']}/cancel").json()["status"] == "cancelled"
+    for waiting in (first, second):
+        ended = client.get(f"/api/v1/deployments/{waiting['id']}").json()
+        assert ended["status"] == "failed" and f"the merge (export {export['id']}) cancelled" in ended["status_reason"]
+    assert session.exec(select(InferenceServer)).first() is None  # nothing was started
+
+
+def test_a_merged_export_is_served_alone_under_the_deployment_name(client, session, tmp_path, base_model):
+    """The merge succeeded (its model registered): the deployment gets a server of that model alone,
+    whose claim carries no adapter and whose readiness is the deployment's."""
+    model_factory(session, base_model)
+    out = write_adapter(tmp_path / "dora", base_model)
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    run = finished_run_factory(session, str(out), base_model)
+    deployment = deploy(client, run.id, name="dora-chat")
+    merged = tmp_path / "models" / "merged"
+    merged.mkdir(parents=True)
+    (merged / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    merged_model = model_factory(session, str(merged), "dora-merged")
+    with Session(get_engine()) as db:  # what a succeeded export leaves: its model registered
+        from app.models import JobStatus
+        from app.services import exports as export_service
+
+        lifecycle = export_service._jobs
+        assert lifecycle.transition(db, deployment["export_id"], JobStatus.starting)
+        assert lifecycle.transition(db, deployment["export_id"], JobStatus.succeeded,
+                                    values={"model_id": merged_model.id})
+    served = client.get(f"/api/v1/deployments/{deployment['id']}").json()
+    assert served["status"] == "pending" and served["status_reason"].startswith("merged (export")
+    server = served["server"]
+    assert server["base_model_path"] == str(merged) and server["base_name"] == "dora-chat"
+    spec = claim(client, server["id"], dispatch(client, server["id"])).json()
+    assert spec["adapters"] == [] and spec["base_name"] == "dora-chat"
+    ready = client.post(f"{INTERNAL}/servers/{server['id']}/events", headers=worker_headers(),
+                        json={"status": "ready", "url": "http://127.0.0.1:1", "adapters": []})
+    assert ready.status_code == 200, ready.text
+    assert client.get(f"/api/v1/deployments/{deployment['id']}").json()["status"] == "ready"
+    with Session(get_engine()) as db:
+        from app.services.deployments import gateway_models
+
+        assert [name for name, _created in gateway_models(db)] == ["dora-chat"]  # listed once
+
+
+def test_a_full_fine_tune_is_served_as_a_whole_model(client, session, tmp_path, base_model, tiny_model):
+    """Its output folder is a whole model (the tiny model's files stand for it here; the live
+    test trains one: test_deploy_merged_live.py)."""
+    output = tmp_path / "full-out"
+    shutil.copytree(tiny_model, output)
+    run = finished_run_factory(session, str(output), base_model)
+    run.train_yaml = run.train_yaml.replace("finetuning_type: lora", "finetuning_type: full")
+    session.add(run)
+    session.commit()
+    deployment = deploy(client, run.id, name="full-chat")
+    assert deployment["served_as"] == "model" and deployment["export_id"] is None
+    server = deployment["server"]
+    assert server["base_name"] == "full-chat" and server["base_model_path"] != base_model
+    folder = Path(server["base_model_path"])
+    assert (folder / "model.safetensors").is_file() and folder.is_relative_to(get_settings().model_roots[0])
+    spec = claim(client, server["id"], dispatch(client, server["id"])).json()
+    assert spec["adapters"] == [] and spec["base_model_path"] == str(folder)
+
+
+def test_a_reward_model_is_not_deployed_for_chat(client, session, adapter_run):
+    adapter_run.train_yaml = adapter_run.train_yaml + "stage: rm\n"
+    session.add(adapter_run)
+    session.commit()
+    response = client.post("/api/v1/deployments", json={"run_id": adapter_run.id})
+    assert response.status_code == 409
+    assert response.json() == {"detail": response.json()["detail"], "field": "run_id"}
+    assert "reward model (stage: rm)" in response.json()["detail"] and "chat" in response.json()["detail"]
+    assert session.exec(select(InferenceServer)).first() is None
 
 
 def test_deploy_refuses_an_adapter_of_another_base_model(client, session, tmp_path, base_model):

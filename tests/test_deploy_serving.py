@@ -24,6 +24,7 @@ from sqlmodel import Session
 
 from app.db import make_engine
 from app.models.deployment import InferenceServer
+from app.models.user import UserRole
 from app.services.users import create_user
 from app.settings import get_settings
 from tests.conftest import log_in
@@ -78,7 +79,7 @@ class Panel:
         self._start("worker", worker_command(f"serve@{socket.gethostname()}"))
         self.engine = make_engine(f"sqlite:///{self.data / 'tuneboard.db'}")
         with Session(self.engine) as session:
-            create_user(session, "admin", "correct horse battery staple", is_admin=True)
+            create_user(session, "admin", "correct horse battery staple", role=UserRole.admin)
         self.client = httpx.Client(base_url=self.url, timeout=60)
         log_in(self.client, "admin", "correct horse battery staple")
         self.key = self.client.post("/api/v1/gateway-keys", json={"name": "tests"}).json()["token"]
@@ -320,18 +321,12 @@ def test_the_llamafactory_backend_serves_an_adapter(panel, runs):
 def test_from_the_browser_deploy_chat_and_a_killed_server(panel, runs):
     """The second vLLM start: deploy from the page, chat in the playground with streamed tokens,
     then kill vLLM under the live deployment: the page shows it failed with the log tail."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    from tests.live import CHROMIUM, CHROMIUM_ARGS
+    from tests.live import chromium_page, log_in_page
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(f"{panel.url}/login")
-        page.fill("input[name=username]", "admin")
-        page.fill("input[name=password]", "correct horse battery staple")
-        page.locator("form button[type=submit], form button:not([type])").first.click()
-        page.wait_for_load_state()
+    with chromium_page() as page:
+        log_in_page(page, panel.url, "admin", "correct horse battery staple")
 
         page.goto(f"{panel.url}/deployments")
         page.select_option("#deploy-run", str(runs["second"]))
@@ -372,4 +367,3 @@ def test_from_the_browser_deploy_chat_and_a_killed_server(panel, runs):
         page.on("dialog", lambda dialog: dialog.accept())
         row.get_by_role("button", name="Undeploy").click()
         expect(page.locator("tr[data-status]", has_text="browser-chat")).to_have_attribute("data-status", "stopped")
-        browser.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from app.models import Dataset, Evaluation, Run
+from app.models import Dataset, Evaluation, ModelExport, Run
 from app.services import evaluations as evaluation_service
 from app.settings import get_settings
 from tests.factories import alpaca_rows, dataset_factory, finished_run_factory, model_factory
@@ -238,14 +238,51 @@ def test_claim_heartbeat_finish_rows_and_the_promotion_gate(client, session, run
     fragment = client.get(f"/runs/{run.id}/evaluations")
     assert fragment.status_code == 200 and "final adapter" in fragment.text and "-10.00" in fragment.text
 
+    # The pages: the generations side by side (searched, a page at a time), and Compare's table.
+    detail = client.get(f"/evaluations/{evaluation['id']}").text
+    assert all(words in detail for words in ("adapter says 0", "base says 0", "ref 0", "-10.00"))
+    searched = client.get(f"/evaluations/{evaluation['id']}", params={"q": "BASE SAYS 2"},
+                          headers={"HX-Request": "true"}).text
+    assert searched.lstrip().startswith('<div id="evaluation-rows">')
+    assert "ref 2" in searched and "ref 0" not in searched and "1 row(s)" in searched
+    compare = client.get("/evaluations/compare", params={"ids": [run.id]}, headers={"HX-Request": "true"}).text
+    assert compare.lstrip().startswith('<section class="panel" id="compare-evaluations">')
+    assert f'href="/evaluations/{evaluation["id"]}"' in compare and "-10.00" in compare
+    assert f'hx-get="/evaluations/compare?ids={run.id}"' in client.get("/runs/compare", params={"ids": [run.id]}).text
+
     # The adapter scores below the base model: a deploy is refused unless forced.
     refused = client.post("/api/v1/deployments", json={"run_id": run.id})
     assert refused.status_code == 409 and "below the base model" in refused.json()["detail"]
+    assert refused.json()["field"] == "force"
+    form = client.post("/deployments", data={"run_id": run.id}).text  # the form: a "deploy anyway" box
+    assert 'id="deploy-force"' in form and "below the base model" in form
     assert client.get("/api/v1/deployments").json() == []
     forced = client.post("/api/v1/deployments", json={"run_id": run.id, "force": True})
     assert forced.status_code == 201, forced.text
     # A checkpoint not evaluated yet is not held back.
     assert evaluation_service.promotion_problem(session, run.id, "checkpoint-2") is None
+
+
+def test_the_run_page_starts_evaluations_and_exports(client, session, run):
+    fragment = client.get(f"/runs/{run.id}/evaluations").text
+    assert 'id="evaluate-form"' in fragment and 'id="export-form"' in fragment
+    assert 'value="checkpoint-2"' in fragment and 'value="llamafactory"' in fragment and 'value="vllm"' in fragment
+    dataset_id = run.lineage["datasets"][0]["id"]
+    assert f'<option value="{dataset_id}">' in fragment  # a dataset of the run's format
+    started = client.post(f"/runs/{run.id}/evaluations", data={
+        "checkpoint": "checkpoint-2", "dataset_id": str(dataset_id), "backend": "vllm", "max_rows": "3"})
+    assert started.status_code == 200
+    made = client.get(f"/api/v1/runs/{run.id}/evaluations").json()
+    assert [(e["checkpoint"], e["backend"], e["rows"], e["dataset_id"]) for e in made] == [
+        ("checkpoint-2", "vllm", 3, dataset_id)]
+    assert f'id="evaluation-{made[0]["id"]}"' in started.text and 'hx-trigger="every 2s"' in started.text
+    exported = client.post(f"/runs/{run.id}/exports", data={"checkpoint": ""})
+    (export,) = session.exec(select(ModelExport)).all()
+    assert export.checkpoint is None and exported.status_code == 200 and f'id="export-{export.id}"' in exported.text
+    # The same merge again while it is queued: refused into the page's flash, nothing created.
+    again = client.post(f"/runs/{run.id}/exports", data={"checkpoint": ""}, headers={"HX-Request": "true"})
+    assert again.status_code == 409 and again.headers["HX-Retarget"] == "#flash" and "wait for it" in again.text
+    assert len(session.exec(select(ModelExport)).all()) == 1
 
 
 def test_best_checkpoint_by_eval_loss_or_by_a_metric(client, session, run, tiny_model):

@@ -44,7 +44,8 @@ def trained_run(panel: LivePanel, tiny_model: Path) -> int:
             "load_best_model_at_end": True, "metric_for_best_model": "eval_loss", "greater_is_better": False,
             "early_stopping_steps": 3,
         }).id
-    started = panel.api.post("/api/v1/runs", json={"config_id": config_id})
+    # (a start checks the config in the training environment: slow on a loaded machine)
+    started = panel.api.post("/api/v1/runs", json={"config_id": config_id}, timeout=300)
     assert started.status_code == 201, started.text
     run_id = started.json()["id"]
     wait_for(panel, f"/api/v1/runs/{run_id}")
@@ -52,7 +53,9 @@ def trained_run(panel: LivePanel, tiny_model: Path) -> int:
 
 
 def evaluate(panel: LivePanel, run_id: int, **payload: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    created = panel.api.post(f"/api/v1/runs/{run_id}/evaluations", json={"max_rows": 8, "max_new_tokens": 8, **payload})
+    # (the first one works out the held-out split in the training environment)
+    created = panel.api.post(f"/api/v1/runs/{run_id}/evaluations", json={"max_rows": 8, "max_new_tokens": 8, **payload},
+                             timeout=300)
     assert created.status_code == 201, created.text
     evaluation = wait_for(panel, f"/api/v1/evaluations/{created.json()['id']}")
     base = wait_for(panel, f"/api/v1/evaluations/{evaluation['base']['id']}")

@@ -139,21 +139,22 @@ def test_a_model_served_alone_starts_with_no_adapter(client, session, tiny_model
 def test_the_preflight_says_when_only_a_merge_lets_vllm_serve_it(tmp_path):
     import json as json_
 
-    from app.services.deployments import DeploymentError, preflight_adapter
+    from app.services.deployments import preflight_adapter
     from tests.test_deploy import write_adapter
 
     base = tmp_path / "base"
     base.mkdir()
-    for name, kwargs, words in (("dora", {}, "DoRA"), ("mts", {"modules_to_save": ["lm_head"]}, "modules_to_save"),
-                                ("vocab", {"extra_tensors": ("base_model.model.model.embed_tokens.weight",)},
-                                 "resized embeddings")):
+    (base / "config.json").write_text(json_.dumps({"model_type": "qwen2", "vocab_size": 1000}))
+    for name, kwargs, words in (
+            ("dora", {}, "DoRA"), ("mts", {"modules_to_save": ["lm_head"]}, "modules_to_save"),
+            ("vocab", {"extra_tensors": ("base_model.model.model.embed_tokens.weight",)},
+             "resizes the vocabulary (embed_tokens has 8 rows, the base model 1000)"),
+            ("plain", {}, None)):
         adapter = write_adapter(tmp_path / name, str(base), **kwargs)
         if name == "dora":
             config = json_.loads((adapter / "adapter_config.json").read_text())
             (adapter / "adapter_config.json").write_text(json_.dumps({**config, "use_dora": True}))
-        try:
-            preflight_adapter(adapter, str(base), backend="vllm", max_lora_rank=64)
-        except DeploymentError as error:
-            assert words in str(error) and "/exports" in str(error), str(error)
-        else:
-            raise AssertionError(f"{name} was not refused")
+        info = preflight_adapter(adapter, str(base), backend="vllm", max_lora_rank=64)
+        assert (info.merge_reason is None) if words is None else (words in info.merge_reason), (name, info)
+        # LLaMA-Factory's own server loads them as they are.
+        assert preflight_adapter(adapter, str(base), backend="llamafactory", max_lora_rank=64).merge_reason is None

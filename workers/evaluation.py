@@ -15,127 +15,40 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from app.settings import Settings, get_settings
-from app.wire import EVAL_METRICS, EVAL_PREDICTIONS_FILE, EvalClaim, EvalFinish, EvalHeartbeat, EvalReply, EvalSpec, EvalTask
+from app.wire import EVAL_METRICS, EVAL_PREDICTIONS_FILE, EvalClaim, EvalFinish, EvalSpec, EvalTask
 from workers import artifacts
-from workers.process import ManagedProcess
-from workers.reporter import AppUnavailable, Reporter
-from workers.training import _PRIVATE_ENV, _last_lines, training_env_versions
+from workers.jobs import JobFailed, WorkerJob, claim_and_run
+from workers.reporter import Reporter
+from workers.training import training_env_versions
 
 log = logging.getLogger(__name__)
 
 ENVSCRIPTS = Path(__file__).resolve().parent / "envscripts"
-STOP_GRACE_S = 5.0
-FAILURE_TAIL_LINES = 30
-
-
-class EvaluationFailed(RuntimeError):
-    pass
-
-
-class _Cancelled(RuntimeError):
-    pass
 
 
 def evaluate(task: EvalTask, *, worker_id: str, instance_id: str) -> str:
-    settings = get_settings()
-    reporter = Reporter(settings, timeout_s=10.0)
-    try:
-        claim = EvalClaim(dispatch_id=task.dispatch_id, worker_id=worker_id, instance_id=instance_id)
-        try:
-            response = reporter.post(f"/evaluations/{task.evaluation_id}/claim", json=claim.model_dump(),
-                                     retry_for_s=60.0)
-        except AppUnavailable as error:
-            log.warning("evaluation %s: claim not delivered (%s)", task.evaluation_id, error)
-            return "not claimed: panel unavailable"
-        if response.status_code in (404, 409):
-            log.info("evaluation %s not claimed: %s", task.evaluation_id, response.json().get("detail"))
-            return "not claimable"
-        response.raise_for_status()
-        job = EvaluationJob(EvalSpec.model_validate(response.json()), worker_id, settings, reporter)
-        return job.execute()
-    finally:
-        reporter.close()
+    claim = EvalClaim(dispatch_id=task.dispatch_id, worker_id=worker_id, instance_id=instance_id)
+    return claim_and_run(f"/evaluations/{task.evaluation_id}", claim, lambda spec, reporter: EvaluationJob(
+        EvalSpec.model_validate(spec), worker_id, get_settings(), reporter))
 
 
-class EvaluationJob:
+class EvaluationJob(WorkerJob):
+    finish_model = EvalFinish
+
     def __init__(self, spec: EvalSpec, worker_id: str, settings: Settings, reporter: Reporter) -> None:
+        super().__init__(f"/evaluations/{spec.evaluation_id}", worker_id, settings, reporter,
+                         settings.path("evaluations", str(spec.evaluation_id)), spec.heartbeat_interval_s)
         self.spec = spec
-        self.worker_id = worker_id
-        self.settings = settings
-        self.reporter = reporter
-        self.folder = settings.path("evaluations", str(spec.evaluation_id))
-        self.log_path = self.folder / "stdout.log"
-        self.cancel = threading.Event()
-        self.gone = threading.Event()  # the panel ended the job (409/404)
-        self._running = threading.Event()
 
-    @property
-    def tag(self) -> str:
-        return f"evaluation {self.spec.evaluation_id}"
-
-    # ----------------------------------------------------------------------- the beat
-    def _beat_loop(self, stop: threading.Event) -> None:
-        beat_reporter = Reporter(self.settings, timeout_s=5.0)
-        try:
-            while not stop.wait(self.spec.heartbeat_interval_s):
-                self._beat(beat_reporter)
-        finally:
-            beat_reporter.close()
-
-    def _beat(self, reporter: Reporter) -> None:
-        body = EvalHeartbeat(worker_id=self.worker_id, status="running" if self._running.is_set() else None)
-        try:
-            response = reporter.post(f"/evaluations/{self.spec.evaluation_id}/heartbeat", json=body.model_dump())
-        except AppUnavailable as error:
-            log.warning("%s: heartbeat not delivered: %s", self.tag, error)
-            return
-        if response.status_code in (404, 409):
-            self.gone.set()
-        elif response.status_code == 200 and EvalReply.model_validate(response.json()).cancel:
-            self.cancel.set()
-
-    # ----------------------------------------------------------------------- the job
-    def execute(self) -> str:
-        started = time.monotonic()
-        stop_beat = threading.Event()
-        beat = threading.Thread(target=self._beat_loop, args=(stop_beat,), daemon=True, name=f"beat-{self.tag}")
-        beat.start()
-        try:
-            self._beat(self.reporter)
-            metrics, generate_s, rows = self._run()
-            outcome, reason = "succeeded", ""
-        except _Cancelled:
-            outcome, reason, metrics, generate_s, rows = "cancelled", "cancelled by the user", {}, None, 0
-        except (EvaluationFailed, OSError, AppUnavailable, ValueError, KeyError) as error:
-            log.warning("%s failed: %s", self.tag, error)
-            outcome, reason, metrics, generate_s, rows = "failed", str(error), {}, None, 0
-        finally:
-            stop_beat.set()
-            beat.join(5)
-        if self.gone.is_set():
-            return "ended by the panel"
-        body = EvalFinish(worker_id=self.worker_id, outcome=outcome, reason=reason, metrics=metrics, rows=rows,
-                          generate_s=generate_s, elapsed_s=time.monotonic() - started,
-                          versions=training_env_versions(self.settings.train_python))
-        try:
-            response = self.reporter.post(f"/evaluations/{self.spec.evaluation_id}/finish", json=body.model_dump(),
-                                          retry_for_s=300.0)
-            if response.status_code != 200:
-                log.warning("%s: finish refused (%s): %s", self.tag, response.status_code, response.text)
-        except AppUnavailable as error:
-            log.error("%s: finish not delivered: %s", self.tag, error)
-        return outcome
+    def finish_fields(self) -> dict[str, Any]:
+        return {"versions": training_env_versions(self.settings.train_python)}
 
     def _prepare(self) -> tuple[Path, Path | None]:
         if self.folder.exists():
@@ -161,38 +74,22 @@ class EvaluationJob:
         yaml_path.write_text(yaml.safe_dump(args, sort_keys=False, allow_unicode=True))
         return yaml_path, adapter
 
-    def _env(self) -> dict[str, str]:
-        env = {key: value for key, value in os.environ.items() if not _PRIVATE_ENV.match(key)}
-        env.pop("FORCE_TORCHRUN", None)
-        env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-                    "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.spec.gpu_ids))})
-        return env
-
-    def _process(self, command: list[str], env: dict[str, str], what: str) -> None:
-        process = ManagedProcess(command, env, self.folder, self.log_path)
-        while (code := process.poll()) is None:
-            if self.cancel.is_set() or self.gone.is_set():
-                process.stop(STOP_GRACE_S, first_signal=signal.SIGTERM)
-                raise _Cancelled()
-            time.sleep(0.1)
-        if code != 0:
-            raise EvaluationFailed(f"{what} exited with {code}:\n" + _last_lines(self.log_path, FAILURE_TAIL_LINES))
-
-    def _run(self) -> tuple[dict[str, float], float | None, int]:
+    def work(self) -> dict[str, Any]:
         yaml_path, adapter = self._prepare()
-        self._running.set()
+        self.running.set()
         output = self.folder / "output"
         predictions = output / EVAL_PREDICTIONS_FILE
+        env = self.environment(self.spec.gpu_ids)
         if self.spec.backend == "llamafactory":
-            self._process([self.settings.llamafactory_cli, "train", str(yaml_path)], self._env(),
-                          "llamafactory-cli train (do_predict)")
+            self.run_process([self.settings.llamafactory_cli, "train", str(yaml_path)], env,
+                             "llamafactory-cli train (do_predict)")
             results = json.loads((output / "predict_results.json").read_text())
             metrics = {name: float(results[f"predict_{name}"]) for name in EVAL_METRICS}
             generate_s = float(results.get("predict_runtime") or 0) or None
         else:
             prompts = self.folder / "prompts.jsonl"
-            self._process([self.settings.train_python, str(ENVSCRIPTS / "eval_text.py"), "prompts", str(yaml_path),
-                           str(prompts)], self._env(), "the prompt builder (eval_text.py prompts)")
+            self.run_process([self.settings.train_python, str(ENVSCRIPTS / "eval_text.py"), "prompts", str(yaml_path),
+                              str(prompts)], env, "the prompt builder (eval_text.py prompts)")
             request = {
                 "model": self.spec.base_model_path, "adapter": str(adapter) if adapter else None,
                 "prompts_path": str(prompts), "out_path": str(predictions),
@@ -201,14 +98,13 @@ class EvaluationJob:
                 "kv_cache_bytes": self.spec.kv_cache_bytes, "gpu": bool(self.spec.gpu_ids),
             }
             (self.folder / "vllm_request.json").write_text(json.dumps(request))
-            env = self._env()
-            if not self.spec.gpu_ids:
-                env |= {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(self.spec.cpu_threads),
-                        "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-            self._process([self.settings.serve_python, str(ENVSCRIPTS / "vllm_generate.py"),
-                           str(self.folder / "vllm_request.json")], env, "vLLM batch generation")
-            self._process([self.settings.train_python, str(ENVSCRIPTS / "eval_text.py"), "score", str(predictions),
-                           str(self.folder / "metrics.json")], self._env(), "the scorer (eval_text.py score)")
+            vllm_env = env if self.spec.gpu_ids else {
+                **env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(self.spec.cpu_threads),
+                "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+            self.run_process([self.settings.serve_python, str(ENVSCRIPTS / "vllm_generate.py"),
+                              str(self.folder / "vllm_request.json")], vllm_env, "vLLM batch generation")
+            self.run_process([self.settings.train_python, str(ENVSCRIPTS / "eval_text.py"), "score", str(predictions),
+                              str(self.folder / "metrics.json")], env, "the scorer (eval_text.py score)")
             scored = json.loads((self.folder / "metrics.json").read_text())
             metrics = {name: float(scored[name]) for name in EVAL_METRICS}
             generate_s = json.loads((self.folder / "vllm_result.json").read_text())["generate_s"]
@@ -221,5 +117,5 @@ class EvaluationJob:
         if response.status_code in (404, 409):
             self.gone.set()
         elif response.status_code != 200:
-            raise EvaluationFailed(f"the panel refused the predictions ({response.status_code}): {response.text}")
-        return metrics, generate_s, rows
+            raise JobFailed(f"the panel refused the predictions ({response.status_code}): {response.text}")
+        return {"metrics": metrics, "generate_s": generate_s, "rows": rows}

@@ -56,7 +56,7 @@ from app.wire import (
 from workers import artifacts, train_env
 from workers import batching as auto_batch
 from workers.gpus import gpu_stats
-from workers.log_tail import FileTail, RunTails, TailBatch
+from workers.log_tail import RunTails, TailBatch
 from workers.process import ManagedProcess
 from workers.reporter import AppUnavailable, Reporter
 
@@ -317,8 +317,16 @@ class TrainingRun:
         return outcome
 
     # ----------------------------------------------------------------------- preparation
+    def _empty_output_dir(self) -> None:
+        for child in self.output_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
     def _prepare(self) -> tuple[list[str], dict[str, str]]:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if not self.spec.resume_from_checkpoint:
+            # A fresh attempt (a retry) starts from nothing: an earlier attempt's checkpoints on this
+            # disk (one half-written when its worker was killed) would be resumed by LLaMA-Factory.
+            self._empty_output_dir()
         data_dir = self.run_dir / "data"
         data_dir.mkdir(exist_ok=True)
         local_names = {}
@@ -493,9 +501,8 @@ class TrainingRun:
         logged = _logged_steps(self.output_dir)
         auto_batch.apply_split(train_yaml, *smaller)
         if not self.spec.resume_from_checkpoint:  # nothing of the failed launch is worth keeping
-            for child in self.output_dir.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-            self.tails.trainer_log = FileTail(self.output_dir / "trainer_log.jsonl")
+            self._empty_output_dir()
+            self.tails.restart_trainer_log()
         reason = (f"micro-batch {micro} ran out of memory after {logged} logged step(s): "
                   f"training again at {smaller[0]} × {smaller[1]}")
         fallback = BatchFallback(attempt=self.attempt, worker_id=self.worker_id, failed_micro=micro,
@@ -613,8 +620,10 @@ class TrainingRun:
         return outcome
 
     def _upload_adapter(self) -> bool:
-        """The final adapter (the top level of the output folder), when the attempt saved one."""
-        if not (self.output_dir / "adapter_config.json").is_file():
+        """The final adapter (the top level of the output folder), when the attempt saved one; for a
+        full or freeze fine-tune, the whole model it saved there."""
+        whole_model = (self.output_dir / "config.json").is_file() and any(self.output_dir.glob("*.safetensors"))
+        if not (self.output_dir / "adapter_config.json").is_file() and not whole_model:
             return False
         try:
             artifacts.upload_folder(self.reporter, self.run_id, self.attempt, self.worker_id, self.output_dir,

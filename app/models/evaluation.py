@@ -4,26 +4,12 @@ set of rows, scored with BLEU-4 and ROUGE-1/2/L (app/services/evaluations.py).""
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlmodel import Field, SQLModel
 
 from app.models.base import created_at_field, json_field, timestamp_field
-
-
-class EvaluationStatus(StrEnum):
-    queued = "queued"
-    starting = "starting"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-    lost = "lost"
-
-    def is_finished(self) -> bool:
-        return self in (EvaluationStatus.succeeded, EvaluationStatus.failed, EvaluationStatus.cancelled,
-                        EvaluationStatus.lost)
+from app.models.job import JobStatus
 
 
 class Evaluation(SQLModel, table=True):
@@ -47,7 +33,7 @@ class Evaluation(SQLModel, table=True):
     max_new_tokens: int
     # The base model's evaluation of the same rows, computed once and shared.
     base_evaluation_id: int | None = None
-    status: EvaluationStatus = Field(default=EvaluationStatus.queued, index=True)
+    status: JobStatus = Field(default=JobStatus.queued, index=True)
     status_reason: str = ""
     gpus_requested: int = 0
     dispatch_id: str | None = None

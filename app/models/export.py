@@ -8,9 +8,7 @@ from datetime import datetime
 from sqlmodel import Field, SQLModel
 
 from app.models.base import created_at_field, json_field, timestamp_field
-from app.models.evaluation import EvaluationStatus as ExportStatus  # the same state machine
-
-__all__ = ["ModelExport", "ExportStatus"]
+from app.models.job import JobStatus
 
 
 class ModelExport(SQLModel, table=True):
@@ -23,7 +21,7 @@ class ModelExport(SQLModel, table=True):
     model_path: str
     template: str
     export_size: int = 5
-    status: ExportStatus = Field(default=ExportStatus.queued, index=True)
+    status: JobStatus = Field(default=JobStatus.queued, index=True)
     status_reason: str = ""
     gpus_requested: int = 0
     dispatch_id: str | None = None

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, HTTPException, Request, status
+from fastapi import APIRouter, Form, Request, status
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
-from app.auth import CurrentUser
+from app.auth import CurrentUser, OwnerQuery, require_owner
 from app.db import SessionDep
+from app.errors import NotFound
 from app.models.deployment import (
     Deployment,
     DeploymentCreate,
@@ -20,25 +21,23 @@ from app.models.deployment import (
     InferenceServerPublic,
     ServeBackend,
 )
-from app.models.user import ApiTokenCreate, ApiTokenCreated, ApiTokenPublic
+from app.models.gateway_key import GatewayKeyCreate, GatewayKeyCreated, GatewayKeyPublic
 from app.services import deployments as service
-from app.services import scheduler
+from app.services import rate_limits, scheduler
 from app.services import listings
 from app.services.deployments import DeploymentError
-from app.services.users import create_token, list_tokens, revoke_token
-from app.templating import render, templates
+from app.services.users import owned_by, owner_id_filter, revoke_token
+from app.templating import is_htmx, render, templates
 from app.wire import AdapterReport, ServerClaim, ServerReply, ServerReport, ServerSpec
 
 router = APIRouter(tags=["deployments-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["deployments"])
+# Changing one needs its owner or an admin (app/services/permissions.py).
+OWNED_DEPLOYMENT = require_owner(service.get_deployment, "deployment_id", "deployment")
 internal_router = APIRouter(tags=["deployments-internal"])
 
-GATEWAY_KEY = "gateway"
+GATEWAY_KEY = rate_limits.GATEWAY_KEY
 templates.env.globals["server_wait_reason"] = scheduler.server_wait_reason
-
-
-def _http_error(error: DeploymentError) -> HTTPException:
-    return HTTPException(error.status_code, str(error))
 
 
 def _detail(session: SessionDep, deployment: Deployment) -> DeploymentDetail:
@@ -53,8 +52,8 @@ def _detail(session: SessionDep, deployment: Deployment) -> DeploymentDetail:
 # ------------------------------------------------------------------------------ pages
 
 
-def _page_context(session: SessionDep, user: CurrentUser, **extra: Any) -> dict[str, Any]:
-    deployments = service.list_deployments(session)
+def _page_context(session: SessionDep, user: CurrentUser, owner: str | None = None, **extra: Any) -> dict[str, Any]:
+    deployments = owned_by(service.list_deployments(session), owner_id_filter(session, user, owner))
     runs = listings.deployable_run_choices(session)
     form = extra.pop("form", {})
     # The adapter picker lists what the chosen run (else the newest) can serve.
@@ -62,10 +61,11 @@ def _page_context(session: SessionDep, user: CurrentUser, **extra: Any) -> dict[
     return {
         "section": "deployments",
         "deployments": deployments,
+        "owner": owner,
         "servers": service.servers_by_id(session, deployments),
         "runs": runs,
         "adapters": listings.adapter_choices(session, chosen) if chosen else [],
-        "keys": list_tokens(session, user, kind=GATEWAY_KEY),
+        "keys": rate_limits.list_keys(session, user),
         "backends": list(ServeBackend),
         "busy": any(d.status in ("pending", "starting") for d in deployments),
         "form": form,
@@ -76,14 +76,19 @@ def _page_context(session: SessionDep, user: CurrentUser, **extra: Any) -> dict[
 
 
 @router.get("/deployments", response_class=HTMLResponse)
-def deployments_page(
-    request: Request, session: SessionDep, user: CurrentUser, block: str | None = None, run_id: int | None = None
-):
-    """`?run_id=N` preselects a run: the run page's Deploy button links here (and the run
-    picker asks for `block=adapter_picker` of the run chosen)."""
-    blocks = {"table", "keys", "deploy_form", "adapter_picker"}
+def deployments_page(request: Request, session: SessionDep, user: CurrentUser, run_id: int | None = None,
+                     owner: OwnerQuery = None):
+    """`?run_id=N` preselects a run (the run page's Deploy button links here); htmx polls the table;
+    `?owner=me`: only the caller's deployments (the "Mine" toggle)."""
+    context = _page_context(session, user, owner, form={"run_id": run_id})
+    return render(request, "deployments/index.html", context, block="table" if is_htmx(request) else None)
+
+
+@router.get("/deployments/adapters", response_class=HTMLResponse)
+def adapter_picker(request: Request, session: SessionDep, user: CurrentUser, run_id: int | None = None):
+    """The deploy form's adapter picker for the run chosen in it."""
     context = _page_context(session, user, form={"run_id": run_id})
-    return render(request, "deployments/index.html", context, block=block if block in blocks else None)
+    return render(request, "deployments/index.html", context, block="adapter_picker")
 
 
 @router.post("/deployments", response_class=HTMLResponse)
@@ -110,48 +115,48 @@ def deploy_from_page(
     return render(request, "deployments/index.html", _page_context(session, user), block="main")
 
 
-@router.post("/deployments/{deployment_id}/undeploy", response_class=HTMLResponse)
+@router.post("/deployments/{deployment_id}/undeploy", dependencies=[OWNED_DEPLOYMENT], response_class=HTMLResponse)
 def undeploy_from_page(request: Request, session: SessionDep, user: CurrentUser, deployment_id: int):
-    error = None
-    try:
-        service.undeploy(session, deployment_id)
-    except DeploymentError as refused:
-        error = str(refused)
-    return render(request, "deployments/index.html", _page_context(session, user, table_error=error), block="table")
+    service.undeploy(session, deployment_id)
+    return render(request, "deployments/index.html", _page_context(session, user), block="table")
 
 
-@router.post("/deployments/{deployment_id}/redeploy", response_class=HTMLResponse)
+@router.post("/deployments/{deployment_id}/redeploy", dependencies=[OWNED_DEPLOYMENT], response_class=HTMLResponse)
 def redeploy_from_page(request: Request, session: SessionDep, user: CurrentUser, deployment_id: int):
     """A stopped or failed deployment again: the same run, adapter, name and kind of server."""
-    error = None
-    try:
-        old = service.get_deployment(session, deployment_id)
-        server = session.get(InferenceServer, old.server_id) if old.server_id else None
-        service.create_deployment(session, DeploymentCreate(
-            run_id=old.run_id, name=old.name, checkpoint=old.checkpoint,
-            backend=server.backend if server else ServeBackend.vllm,
-        ))
-    except DeploymentError as refused:
-        error = str(refused)
-    return render(request, "deployments/index.html", _page_context(session, user, table_error=error), block="table")
+    old = service.get_deployment(session, deployment_id)
+    server = session.get(InferenceServer, old.server_id) if old.server_id else None
+    service.create_deployment(session, DeploymentCreate(
+        run_id=old.run_id, name=old.name, checkpoint=old.checkpoint,
+        backend=server.backend if server else ServeBackend.vllm,
+    ))
+    return render(request, "deployments/index.html", _page_context(session, user), block="table")
 
 
-@router.post("/deployments/{deployment_id}/remove", response_class=HTMLResponse)
+@router.post("/deployments/{deployment_id}/remove", dependencies=[OWNED_DEPLOYMENT], response_class=HTMLResponse)
 def remove_from_page(request: Request, session: SessionDep, user: CurrentUser, deployment_id: int):
-    error = None
-    try:
-        service.remove_deployment(session, deployment_id)
-    except DeploymentError as refused:
-        error = str(refused)
-    return render(request, "deployments/index.html", _page_context(session, user, table_error=error), block="table")
+    service.remove_deployment(session, deployment_id)
+    return render(request, "deployments/index.html", _page_context(session, user), block="table")
 
 
 @router.post("/deployments/keys", response_class=HTMLResponse)
-def create_key_from_page(request: Request, session: SessionDep, user: CurrentUser, name: Annotated[str, Form()] = ""):
+def create_key_from_page(
+    request: Request, session: SessionDep, user: CurrentUser, name: Annotated[str, Form()] = "",
+    deployment_name: Annotated[str, Form()] = "", requests_per_minute: Annotated[str, Form()] = "",
+    tokens_per_minute: Annotated[str, Form()] = "",
+):
+    """A key for every model or one deployment, with optional limits per minute (blank: none)."""
     if not name.strip():
         context = _page_context(session, user, key_error="Give the key a name (who or what uses it).")
         return render(request, "deployments/index.html", context, block="keys")
-    _token, raw = create_token(session, user, name[:100], kind=GATEWAY_KEY)
+    limits = {"requests_per_minute": requests_per_minute.strip(), "tokens_per_minute": tokens_per_minute.strip()}
+    if any(value and not (value.isdigit() and int(value) > 0) for value in limits.values()):
+        context = _page_context(session, user, key_error="Limits are whole numbers above 0 (blank: no limit).")
+        return render(request, "deployments/index.html", context, block="keys")
+    _key, raw = rate_limits.create_key(session, user, GatewayKeyCreate(
+        name=name[:100], deployment_name=deployment_name or None,
+        **{field: int(value) if value else None for field, value in limits.items()},
+    ))
     return render(request, "deployments/index.html", _page_context(session, user, new_key=raw), block="keys")
 
 
@@ -186,34 +191,27 @@ def playground_page(request: Request, session: SessionDep, model: str | None = N
 
 
 @api_router.get("/deployments", response_model=list[DeploymentPublic])
-def list_deployments_api(session: SessionDep, include_stopped: bool = True):
-    return service.list_deployments(session, include_stopped=include_stopped)
+def list_deployments_api(session: SessionDep, user: CurrentUser, include_stopped: bool = True,
+                         owner: OwnerQuery = None):
+    return owned_by(service.list_deployments(session, include_stopped=include_stopped),
+                    owner_id_filter(session, user, owner))
 
 
 @api_router.post("/deployments", response_model=DeploymentDetail, status_code=status.HTTP_201_CREATED)
 def create_deployment_api(session: SessionDep, data: DeploymentCreate):
-    try:
-        deployment = service.create_deployment(session, data)
-    except DeploymentError as error:
-        raise _http_error(error) from None
+    deployment = service.create_deployment(session, data)
     return _detail(session, deployment)
 
 
 @api_router.get("/deployments/{deployment_id}", response_model=DeploymentDetail)
 def get_deployment_api(session: SessionDep, deployment_id: int):
     service.expire_silent_servers(session)
-    try:
-        return _detail(session, service.get_deployment(session, deployment_id))
-    except DeploymentError as error:
-        raise _http_error(error) from None
+    return _detail(session, service.get_deployment(session, deployment_id))
 
 
-@api_router.delete("/deployments/{deployment_id}", response_model=DeploymentDetail)
+@api_router.delete("/deployments/{deployment_id}", dependencies=[OWNED_DEPLOYMENT], response_model=DeploymentDetail)
 def undeploy_api(session: SessionDep, deployment_id: int):
-    try:
-        return _detail(session, service.undeploy(session, deployment_id))
-    except DeploymentError as error:
-        raise _http_error(error) from None
+    return _detail(session, service.undeploy(session, deployment_id))
 
 
 class ModelServe(BaseModel):
@@ -224,43 +222,37 @@ class ModelServe(BaseModel):
 def serve_model_api(model_id: int, payload: ModelServe, session: SessionDep) -> dict[str, Any]:
     """Serve a registered model with no adapter on vLLM (a base model to chat with, a merged
     export); the gateway answers for it under `name` once `status` is ready."""
-    try:
-        return service.model_server_public(service.serve_model_alone(session, model_id, payload.name))
-    except DeploymentError as error:
-        raise _http_error(error) from None
+    return service.model_server_public(service.serve_model_alone(session, model_id, payload.name))
 
 
 @api_router.get("/model-servers/{server_id}")
 def get_model_server_api(server_id: int, session: SessionDep) -> dict[str, Any]:
-    try:
-        return service.model_server_public(service.model_server(session, server_id))
-    except DeploymentError as error:
-        raise _http_error(error) from None
+    return service.model_server_public(service.model_server(session, server_id))
 
 
 @api_router.post("/model-servers/{server_id}/stop")
 def stop_model_server_api(server_id: int, session: SessionDep) -> dict[str, Any]:
-    try:
-        return service.model_server_public(service.stop_model_server(session, server_id))
-    except DeploymentError as error:
-        raise _http_error(error) from None
+    return service.model_server_public(service.stop_model_server(session, server_id))
 
 
-@api_router.get("/gateway-keys", response_model=list[ApiTokenPublic])
+@api_router.get("/gateway-keys", response_model=list[GatewayKeyPublic])
 def list_keys_api(session: SessionDep, user: CurrentUser):
-    return list_tokens(session, user, kind=GATEWAY_KEY)
+    """Your live keys with their model scope, limits and requests and tokens per day."""
+    return rate_limits.list_keys(session, user)
 
 
-@api_router.post("/gateway-keys", response_model=ApiTokenCreated, status_code=status.HTTP_201_CREATED)
-def create_key_api(session: SessionDep, user: CurrentUser, data: ApiTokenCreate):
-    token, raw = create_token(session, user, data.name, kind=GATEWAY_KEY, expires_in_days=data.expires_in_days)
-    return ApiTokenCreated(**ApiTokenPublic.model_validate(token).model_dump(), token=raw)
+@api_router.post("/gateway-keys", response_model=GatewayKeyCreated, status_code=status.HTTP_201_CREATED)
+def create_key_api(session: SessionDep, user: CurrentUser, data: GatewayKeyCreate):
+    """`deployment_name` confines the key to that model (403 for others); over `requests_per_minute`
+    or `tokens_per_minute` the gateway answers 429 with Retry-After."""
+    key, raw = rate_limits.create_key(session, user, data)
+    return GatewayKeyCreated(**key.model_dump(), token=raw)
 
 
 @api_router.delete("/gateway-keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT)
 def revoke_key_api(session: SessionDep, user: CurrentUser, key_id: int) -> None:
     if not revoke_token(session, user, key_id, kind=GATEWAY_KEY):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no live gateway key {key_id}")
+        raise NotFound(f"no live gateway key {key_id}")
 
 
 # -------------------------------------------------------------- worker channel
@@ -268,24 +260,15 @@ def revoke_key_api(session: SessionDep, user: CurrentUser, key_id: int) -> None:
 
 @internal_router.post("/servers/{server_id}/claim")
 def claim_server(session: SessionDep, server_id: int, claim: ServerClaim) -> ServerSpec:
-    try:
-        return service.claim_server(session, server_id, claim)
-    except DeploymentError as error:
-        raise _http_error(error) from None
+    return service.claim_server(session, server_id, claim)
 
 
 @internal_router.post("/servers/{server_id}/events")
 def server_events(session: SessionDep, server_id: int, report: ServerReport) -> ServerReply:
-    try:
-        return service.report_server(session, server_id, report)
-    except DeploymentError as error:
-        raise _http_error(error) from None
+    return service.report_server(session, server_id, report)
 
 
 @internal_router.post("/deployments/{deployment_id}/events")
 def deployment_events(session: SessionDep, deployment_id: int, report: AdapterReport) -> dict[str, Any]:
-    try:
-        service.report_adapter(session, deployment_id, report)
-    except DeploymentError as error:
-        raise _http_error(error) from None
+    service.report_adapter(session, deployment_id, report)
     return {}

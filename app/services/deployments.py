@@ -17,18 +17,21 @@ import re
 import secrets
 import struct
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
-from sqlalchemy import update
+from sqlalchemy import true, update
 from sqlmodel import Session, col, select
 
+from app.errors import DomainError
 from app.models.base import utcnow
 from app.models.deployment import (
     ACTIVE_STATUSES,
+    SERVED_AS_LORA,
+    SERVED_AS_MERGED,
+    SERVED_AS_MODEL,
     Deployment,
     DeploymentCreate,
     DeploymentStatus,
@@ -36,10 +39,16 @@ from app.models.deployment import (
     ServeBackend,
 )
 from app.models.artifact import RunArtifact
+from app.models.export import ModelExport
+from app.models.job import JobStatus
 from app.models.model_entry import ModelEntry
 from app.models.run import Run, RunStatus
 from app.services import artifacts as artifact_service
+from app.services import exports as export_service
+from app.services import webhooks
 from app.services.broker import kick_scheduler, send_to_worker
+from app.services.evaluations import promotion_problem, run_training_args
+from app.services.jobs import HOLDING as JOB_HOLDING
 from app.settings import get_settings
 from app.wire import (
     ADAPTER_ARTIFACT,
@@ -74,13 +83,11 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$")
 SERVER_LOG_TAIL_CHARS = 8000
 
 
-class DeploymentError(ValueError):
-    """A refused request; `status_code` is the HTTP status the routes answer with."""
+class DeploymentError(DomainError):
+    """A refused deploy, undeploy or serve (a 400 unless `status_code` says otherwise)."""
 
-    def __init__(self, message: str, status_code: int = 400, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.field = field
+    def __init__(self, detail: str, status_code: int | None = None, field: str | None = None) -> None:
+        super().__init__(detail, field=field, status_code=status_code)
 
 
 # ------------------------------------------------------------------ adapter preflight
@@ -91,6 +98,8 @@ class AdapterInfo:
     rank: int
     target_modules: list[str]
     base_model: str | None
+    # Why vLLM cannot serve it as a LoRA, so that it is merged into its base and served alone.
+    merge_reason: str | None = None
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -128,10 +137,40 @@ def _same_model(adapter_base: str, served_base: str) -> bool:
     return False
 
 
+def _base_vocab_size(base_model_path: str) -> int | None:
+    try:
+        config = json.loads((Path(base_model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return int(size) if size else None
+
+
+def _merge_reason(config: dict[str, Any], tensors: dict[str, Any], base_model_path: str) -> str | None:
+    """Why vLLM cannot serve this adapter as a LoRA (it can once merged into its base), or None."""
+    if config.get("use_dora"):
+        return "the adapter is a DoRA (use_dora), which vLLM does not serve as a LoRA"
+    full = sorted(name for name in tensors if _lora_module(name) is None)
+    vocab = _base_vocab_size(base_model_path)
+    for name in full:
+        if name.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight")) and vocab is not None:
+            rows = int((tensors[name].get("shape") or [0])[0])
+            if rows != vocab:
+                return (f"the adapter resizes the vocabulary ({name.split('.')[-2]} has {rows} rows, the base "
+                        f"model {vocab})")
+    if config.get("modules_to_save"):
+        return (f"the adapter saves whole modules ({', '.join(config['modules_to_save'])}): vLLM serves no "
+                "modules_to_save")
+    if full:
+        return f"the adapter carries full weights ({full[0]}…), which vLLM does not serve with a LoRA"
+    return None
+
+
 def preflight_adapter(
     adapter_dir: Path, base_model_path: str, *, backend: ServeBackend, max_lora_rank: int
 ) -> AdapterInfo:
-    """Refuse, with a clear message, an adapter the server would reject or serve wrongly."""
+    """Refuse, with a clear message, an adapter the server would reject or serve wrongly; say in
+    `merge_reason` when vLLM can serve it only merged into its base model."""
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise DeploymentError(f"{adapter_dir} holds no adapter_config.json: it is not a LoRA adapter")
@@ -156,25 +195,14 @@ def preflight_adapter(
     info = AdapterInfo(rank=rank, target_modules=modules, base_model=base_model)
     if backend != ServeBackend.vllm:
         return info  # LLaMA-Factory's API loads anything peft loads
+    merge_reason = _merge_reason(config, tensors, base_model_path)
+    if merge_reason:  # merged, its rank and modules no longer matter to vLLM
+        return replace(info, merge_reason=merge_reason)
     if rank > max_lora_rank:
         raise DeploymentError(
             f"the adapter's LoRA rank is {rank}, above the server's limit of {max_lora_rank} "
             "(raise TUNEBOARD_SERVE_MAX_LORA_RANK, or serve it with the llamafactory backend)",
             field="run_id",
-        )
-    merged = " (or merge it: POST /api/v1/runs/{id}/exports, then serve the merged model alone)"
-    if config.get("use_dora"):
-        raise DeploymentError("the adapter is a DoRA; vLLM serves no DoRA: use the llamafactory backend" + merged)
-    if config.get("modules_to_save"):
-        raise DeploymentError(
-            f"the adapter saves whole modules ({', '.join(config['modules_to_save'])}); vLLM cannot "
-            "serve modules_to_save: use the llamafactory backend" + merged
-        )
-    resized = sorted(name for name in tensors if _lora_module(name) is None)
-    if resized:
-        raise DeploymentError(
-            f"the adapter carries full weights ({resized[0]}…), e.g. resized embeddings; vLLM cannot "
-            "serve them: use the llamafactory backend" + merged
         )
     unsupported = [m for m in modules if m not in VLLM_LORA_MODULES]
     if unsupported:
@@ -185,14 +213,6 @@ def preflight_adapter(
 
 
 # -------------------------------------------------------------------- reading a run
-
-
-def run_training_args(run: Run) -> dict[str, Any]:
-    try:
-        args = yaml.safe_load(run.train_yaml or "") or {}
-    except yaml.YAMLError:
-        args = {}
-    return args if isinstance(args, dict) else {}
 
 
 def adapter_manifest_for(session: Session, run: Run, checkpoint: str | None) -> ArtifactManifest:
@@ -291,6 +311,7 @@ def _active_server_for(session: Session, base_model_path: str) -> InferenceServe
             InferenceServer.backend == ServeBackend.vllm,
             col(InferenceServer.status).in_(ACTIVE_STATUSES),
             col(InferenceServer.stop_requested).is_(False),
+            col(InferenceServer.serves_model_alone).is_(False),
         )
     ).first()
 
@@ -311,7 +332,10 @@ def _transition(session: Session, model: type, row_id: int, allowed: tuple[Deplo
     result = session.execute(
         update(model).where(model.id == row_id, col(model.status).in_(allowed)).values(**values)
     )
-    return result.rowcount == 1
+    changed = result.rowcount == 1
+    if changed and model is Deployment:  # its webhooks, committed with the change
+        webhooks.enqueue_deployment_events(session, [row_id], values.get("status"))
+    return changed
 
 
 # ------------------------------------------------------------------ deploy/undeploy
@@ -323,15 +347,17 @@ def create_deployment(session: Session, data: DeploymentCreate) -> Deployment:
     if run is None:
         raise DeploymentError(f"run {data.run_id} does not exist", 404, field="run_id")
     checkpoint = data.checkpoint or None
+    args = run_training_args(run)
+    if args.get("stage") == "rm":
+        raise DeploymentError(
+            f"run {run.id} trained a reward model (stage: rm): it scores answers instead of writing them, so it "
+            "cannot be deployed for chat", 409, field="run_id",
+        )
     manifest = adapter_manifest_for(session, run, checkpoint)
-    from app.services.evaluations import promotion_problem  # the promotion gate (issue #17)
-
     problem = promotion_problem(session, run.id, checkpoint)
     if problem and not data.force:
         raise DeploymentError(f"{problem}: not deployed (send \"force\": true to deploy it anyway)", 409,
-                              field="checkpoint")
-    adapter_dir = _panel_copy(manifest)
-    args = run_training_args(run)
+                              field="force")
     base_model_path = str(args.get("model_name_or_path") or "")
     if not base_model_path:
         raise DeploymentError(f"run {run.id} names no base model (model_name_or_path)", 409)
@@ -341,9 +367,13 @@ def create_deployment(session: Session, data: DeploymentCreate) -> Deployment:
             "a deployment name is 1–200 letters, digits or . _ - : @ / and starts with a letter or digit",
             field="name",
         )
+    if args.get("finetuning_type") in ("full", "freeze") and data.backend == ServeBackend.vllm:
+        return _deploy_whole_model(session, run, checkpoint, manifest, name)
     info = preflight_adapter(
-        adapter_dir, base_model_path, backend=data.backend, max_lora_rank=settings.serve_max_lora_rank
+        _panel_copy(manifest), base_model_path, backend=data.backend, max_lora_rank=settings.serve_max_lora_rank
     )
+    if info.merge_reason:
+        return _deploy_merged(session, run, checkpoint, manifest, name, info.merge_reason)
 
     server = _active_server_for(session, base_model_path) if data.backend == ServeBackend.vllm else None
     if server is not None and info.rank > server.max_lora_rank:
@@ -390,6 +420,97 @@ def create_deployment(session: Session, data: DeploymentCreate) -> Deployment:
         _dispatch_load(session, deployment, server, replace=replaced is not None)
     # A server still starting picks this adapter up when it reports ready.
     return deployment
+
+
+def _require_free_name(session: Session, name: str) -> None:
+    """A deployment served alone takes a name no live deployment or served model has."""
+    if _active_deployment_named(session, name) or _active_server_named(session, name):
+        raise DeploymentError(f"the name {name} is in use by a deployment or a served model: undeploy it first or "
+                              "pick another name", 409, field="name")
+
+
+def _alone_server(session: Session, model: ModelEntry, name: str) -> InferenceServer:
+    """A pending server of a registered model with no adapter; the gateway calls it `name`."""
+    settings = get_settings()
+    server = InferenceServer(
+        base_model_path=model.path, base_name=name, template=model.suggested_template,
+        max_lora_rank=settings.serve_max_lora_rank, max_model_len=settings.serve_max_model_len,
+        api_key=secrets.token_urlsafe(32), serves_model_alone=True, status=S.pending,
+    )
+    session.add(server)
+    session.flush()
+    return server
+
+
+def _deploy_whole_model(session: Session, run: Run, checkpoint: str | None, manifest: ArtifactManifest,
+                        name: str) -> Deployment:
+    """A full or freeze fine-tune's output is a whole model: registered as a model and served alone."""
+    _require_free_name(session, name)
+    files = {entry.path for entry in manifest.files}
+    if "config.json" not in files or not any(path.endswith(".safetensors") for path in files):
+        raise DeploymentError(f"run {run.id}'s {checkpoint or 'output'} holds no whole model (config.json and "
+                              "safetensors weights) to serve", 409, field="checkpoint")
+    try:
+        model = export_service.register_stored_model(session, manifest, f"{run.name}-{run.id}-{checkpoint or 'final'}")
+    except DomainError as error:  # the artifact store, the model roots
+        raise DeploymentError(f"run {run.id}'s model could not be registered: {error.detail}", 409) from None
+    server = _alone_server(session, model, name)
+    deployment = Deployment(name=name, run_id=run.id, checkpoint=checkpoint, server_id=server.id,
+                            artifact_digest=manifest.digest, lora_name=name, served_as=SERVED_AS_MODEL,
+                            status_reason="a whole model (full or freeze fine-tuning), served alone")
+    session.add(deployment)
+    session.commit()
+    session.refresh(deployment)
+    kick_scheduler()
+    return deployment
+
+
+def _deploy_merged(session: Session, run: Run, checkpoint: str | None, manifest: ArtifactManifest, name: str,
+                   reason: str) -> Deployment:
+    """An adapter vLLM cannot serve as a LoRA: an export job merges it into its base model (one of
+    the same adapter already going or done is reused), then `serve_merged` serves the result alone."""
+    _require_free_name(session, name)
+    export = session.exec(select(ModelExport).where(
+        ModelExport.run_id == run.id, ModelExport.adapter_digest == manifest.digest,
+        col(ModelExport.status).in_((*JOB_HOLDING, JobStatus.succeeded)),
+    ).order_by(col(ModelExport.id).desc())).first()
+    if export is not None and export.status == JobStatus.succeeded and (
+            export.model_id is None or session.get(ModelEntry, export.model_id) is None):
+        export = None  # its merged model was deleted since
+    if export is None:
+        export = export_service.create(session, run.id, checkpoint=checkpoint)
+    deployment = Deployment(name=name, run_id=run.id, checkpoint=checkpoint, artifact_digest=manifest.digest,
+                            lora_name=name, served_as=SERVED_AS_MERGED, export_id=export.id,
+                            status_reason=f"merging (export {export.id}): {reason}")
+    session.add(deployment)
+    session.commit()
+    session.refresh(deployment)
+    serve_merged(session, export)
+    session.refresh(deployment)
+    return deployment
+
+
+def serve_merged(session: Session, export: ModelExport) -> None:
+    """The deployments waiting for `export` once it has ended: served from the merged model it
+    registered, or failed with the merge's reason."""
+    status = JobStatus(export.status)
+    if not status.is_finished():
+        return
+    waiting = session.exec(select(Deployment).where(
+        Deployment.export_id == export.id, Deployment.status == S.pending, col(Deployment.server_id).is_(None),
+    )).all()
+    model = session.get(ModelEntry, export.model_id) if export.model_id else None
+    for deployment in waiting:
+        if status == JobStatus.succeeded and model is not None:
+            server = _alone_server(session, model, deployment.name)
+            deployment.server_id = server.id
+            deployment.status_reason = deployment.status_reason.replace("merging", "merged", 1)
+            session.add(deployment)
+            session.commit()
+            kick_scheduler()
+        else:
+            _fail_deployment(session, deployment, f"the merge (export {export.id}) {status.value}: "
+                                                  f"{export.status_reason}")
 
 
 def _adapter_spec(session: Session, deployment: Deployment) -> AdapterSpec:
@@ -542,7 +663,8 @@ def claim_server(session: Session, server_id: int, claim: ServerClaim) -> Server
     specs: list[AdapterSpec] = []
     refused: list[str] = []
     for deployment in session.exec(
-        select(Deployment).where(Deployment.server_id == server_id, Deployment.status == S.starting)
+        select(Deployment).where(Deployment.server_id == server_id, Deployment.status == S.starting,
+                                 Deployment.served_as == SERVED_AS_LORA)
     ).all():
         try:
             specs.append(_adapter_spec(session, deployment))
@@ -584,12 +706,14 @@ def report_server(session: Session, server_id: int, report: ServerReport) -> Ser
     if report.status == "ready":
         if _transition(session, InferenceServer, server_id, (S.starting,), status=S.ready, ready_at=now,
                        url=report.url, pid=report.pid, **common):
-            session.execute(
+            ready = session.execute(
                 update(Deployment)
                 .where(Deployment.server_id == server_id, Deployment.status == S.starting,
-                       col(Deployment.lora_name).in_(report.adapters))
-                .values(status=S.ready, ready_at=now)
-            )
+                       # a model served alone is its deployment (merged or whole); else its adapters
+                       col(Deployment.lora_name).in_(report.adapters) if not server.serves_model_alone else true())
+                .values(status=S.ready, ready_at=now).returning(Deployment.id)
+            ).scalars().all()
+            webhooks.enqueue_deployment_events(session, list(ready), S.ready)
             session.commit()
             session.refresh(server)
             # Adapters deployed while the server was starting are loaded into it now.
@@ -621,11 +745,12 @@ def _finish_server(session: Session, server: InferenceServer, final: DeploymentS
     if _transition(session, InferenceServer, server.id, (S.pending, S.starting, S.ready), status=final,
                    status_reason=reason, stopped_at=now, **values):
         dep_reason = "server stopped" if final == S.stopped else f"server failed: {reason}"
-        session.execute(
+        ended = session.execute(
             update(Deployment)
             .where(Deployment.server_id == server.id, col(Deployment.status).in_(ACTIVE_STATUSES))
-            .values(status=final, status_reason=dep_reason, stopped_at=now)
-        )
+            .values(status=final, status_reason=dep_reason, stopped_at=now).returning(Deployment.id)
+        ).scalars().all()
+        webhooks.enqueue_deployment_events(session, list(ended), final)
         session.commit()
         kick_scheduler()  # its serving slot is free
 
@@ -697,10 +822,12 @@ def gateway_models(session: Session) -> list[tuple[str, datetime]]:
         (d.name, d.ready_at or d.created_at)
         for d in session.exec(select(Deployment).where(Deployment.status == S.ready).order_by(col(Deployment.id)))
     ]
-    names += [
+    listed = {name for name, _created in names}
+    names += [  # a model served alone for a deployment (merged, whole) is listed once, as the deployment
         (s.base_name, s.ready_at or s.created_at)
         for s in session.exec(select(InferenceServer).where(InferenceServer.status == S.ready,
                                                             InferenceServer.base_name != ""))
+        if s.base_name not in listed
     ]
     return names
 
@@ -745,13 +872,7 @@ def serve_model_alone(session: Session, model_id: int, name: str | None = None) 
     if _active_server_named(session, name) or _active_deployment_named(session, name):
         raise DeploymentError(f"the name {name} is in use by a served model or deployment: pick another", 409,
                               field="name")
-    settings = get_settings()
-    server = InferenceServer(
-        base_model_path=model.path, base_name=name, template=model.suggested_template,
-        max_lora_rank=settings.serve_max_lora_rank, max_model_len=settings.serve_max_model_len,
-        api_key=secrets.token_urlsafe(32), serves_model_alone=True, status=S.pending,
-    )
-    session.add(server)
+    server = _alone_server(session, model, name)
     session.commit()
     session.refresh(server)
     kick_scheduler()

@@ -15,7 +15,7 @@ base model's evaluation of the same rows (same model, backend, template, cutoff 
 length), created once and shared by every later evaluation of those rows.
 
 Scheduling is the panel's (app/services/scheduler.py): an evaluation takes a CPU training slot or
-GPUs on a worker that holds the model, like a run; each status change is one conditional UPDATE.
+GPUs on a worker that holds the model, like a run; its lifecycle is app/services/jobs.py's.
 """
 
 from __future__ import annotations
@@ -25,18 +25,17 @@ import json
 import logging
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
-from datetime import datetime, timedelta
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+import yaml
 from sqlmodel import Session, col, select
 
-from app.models import Dataset, Evaluation, EvaluationStatus, ModelEntry, Run, RunStatus
-from app.models.base import as_utc, utcnow
+from app.models import Dataset, Evaluation, JobStatus, ModelEntry, Run, RunStatus
 from app.services import artifacts as artifact_service
-from app.services.broker import kick_scheduler, send_to_workers
+from app.services.broker import kick_scheduler
+from app.services.jobs import JobConflict, JobError, JobLifecycle, JobNotFound
 from app.services.dataset_ingest import dataset_info_entry
 from app.services.datasets import _json_array_rows, _jsonl_rows, data_file
 from app.settings import get_settings
@@ -48,79 +47,29 @@ from app.wire import (
     ArtifactManifest,
     EvalClaim,
     EvalFinish,
-    EvalHeartbeat,
     EvalSpec,
     EvalTask,
 )
 
 log = logging.getLogger(__name__)
 
-E = EvaluationStatus
-TRANSITIONS: dict[EvaluationStatus, frozenset[EvaluationStatus]] = {
-    E.queued: frozenset({E.starting, E.cancelled, E.failed}),
-    E.starting: frozenset({E.running, E.succeeded, E.failed, E.cancelled, E.lost}),
-    E.running: frozenset({E.succeeded, E.failed, E.cancelled, E.lost}),
-    E.succeeded: frozenset(),
-    E.failed: frozenset(),
-    E.cancelled: frozenset(),
-    E.lost: frozenset(),
-}
-CLAIMED = (E.starting, E.running)
-HOLDING = (E.queued, E.starting, E.running)
+E = JobStatus
 # A base evaluation in one of these is reused by a new evaluation of the same rows.
 REUSABLE = (E.queued, E.starting, E.running, E.succeeded)
 BACKENDS = ("llamafactory", "vllm")
 MAX_ROWS_LIMIT = 100_000
-REASON_MAX_CHARS = 8000
 # Rows per generation batch (per_device_eval_batch_size; vLLM batches on its own).
 EVAL_BATCH_SIZE = 8
 
 
-class EvaluationError(Exception):
-    status_code = 400
-
-    def __init__(self, detail: str, status_code: int | None = None) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        if status_code is not None:
-            self.status_code = status_code
-
-
-class EvaluationNotFound(EvaluationError):
-    status_code = 404
-
-
-class EvaluationConflict(EvaluationError):
-    status_code = 409
-
-
-# --------------------------------------------------------------------------- the state machine
-def _update(*conditions: Any) -> Any:
-    return update(Evaluation).where(*conditions).execution_options(synchronize_session=False)
-
-
-def _transition(session: Session, evaluation_id: int, to: EvaluationStatus, *,
-                allowed_from: Iterable[EvaluationStatus] | None = None, extra_where: Iterable[Any] = (),
-                values: dict[str, Any] | None = None) -> bool:
-    """One conditional UPDATE; False if the row was not in a status that may reach `to`."""
-    sources = {s for s, targets in TRANSITIONS.items() if to in targets}
-    if allowed_from is not None:
-        sources &= set(allowed_from)
-    result = session.exec(_update(Evaluation.id == evaluation_id, col(Evaluation.status).in_(sources),
-                                  *extra_where).values(status=to, **(values or {})))
-    if result.rowcount != 1:
-        session.rollback()
-        return False
-    session.commit()
-    return True
-
-
-def get_evaluation(session: Session, evaluation_id: int) -> Evaluation:
-    evaluation = session.get(Evaluation, evaluation_id)
-    if evaluation is None:
-        raise EvaluationNotFound(f"evaluation {evaluation_id} not found")
-    session.refresh(evaluation)
-    return evaluation
+_jobs = JobLifecycle(Evaluation, "evaluation", EVAL_TASK,
+                     lambda job_id, dispatch_id, gpu_ids: EvalTask(evaluation_id=job_id, dispatch_id=dispatch_id,
+                                                                   gpu_ids=gpu_ids))
+get_evaluation = _jobs.get
+# What the scheduler calls (app/services/scheduler.py JOB_SERVICES).
+holding, waiting, dispatch = _jobs.holding, _jobs.waiting, _jobs.dispatch
+release_stale_dispatches, mark_lost = _jobs.release_stale_dispatches, _jobs.mark_lost
+heartbeat, cancel = _jobs.heartbeat, _jobs.cancel
 
 
 def list_evaluations(session: Session, *, run_id: int | None = None, limit: int = 200) -> list[Evaluation]:
@@ -161,7 +110,7 @@ def _pick_rows(datasets: list[Dataset], indices: list[int]) -> list[Any]:
                 picked[position] = row
         offset += dataset.row_count
     if any(row is None for row in picked):
-        raise EvaluationConflict("the datasets hold fewer rows than recorded: were they replaced?")
+        raise JobConflict("the datasets hold fewer rows than recorded: were they replaced?")
     return picked
 
 
@@ -175,55 +124,77 @@ def held_out_indices(total: int, val_size: float, seed: int) -> list[int]:
                                       timeout_s=120, what="working out the run's held-out split")
         return [int(i) for i in answer["test"]]
     except (train_env.TrainEnvError, KeyError, TypeError, ValueError) as error:
-        raise EvaluationError(f"could not work out the run's held-out split in the training environment: "
-                              f"{error}", 503) from None
+        raise JobError(f"could not work out the run's held-out split in the training environment: {error}",
+                       status_code=503) from None
 
 
 # --------------------------------------------------------------------------- create
-def _run_args(run: Run) -> dict[str, Any]:
-    from app.services.deployments import run_training_args
+def run_training_args(run: Run) -> dict[str, Any]:
+    """The run's frozen training YAML, as a dict ({} when unreadable)."""
+    try:
+        args = yaml.safe_load(run.train_yaml or "") or {}
+    except yaml.YAMLError:
+        args = {}
+    return args if isinstance(args, dict) else {}
 
-    return run_training_args(run)
+
+def base_model_of(session: Session, run: Run) -> ModelEntry:
+    """The registered model a run trained on (its adapters are evaluated and merged against it)."""
+    model_path = str((run.lineage.get("model") or {}).get("path") or run_training_args(run).get("model_name_or_path")
+                     or "")
+    model = session.exec(select(ModelEntry).where(ModelEntry.path == model_path)).first()
+    if model is None:
+        raise JobConflict(f"run {run.id}'s base model ({model_path}) is no longer registered")
+    return model
 
 
-def _adapter_manifest(session: Session, run: Run, checkpoint: str | None) -> ArtifactManifest:
+def adapter_manifest(session: Session, run: Run, checkpoint: str | None) -> ArtifactManifest:
+    """The stored adapter an evaluation or an export of a finished run works on: its final adapter
+    (`checkpoint` None, succeeded runs only) or one of its stored checkpoints."""
     status = RunStatus(run.status)
     if status.is_active():
-        raise EvaluationConflict(f"run {run.id} is {status.value}: evaluate it once it has finished")
+        raise JobConflict(f"run {run.id} is {status.value}: wait until it has finished", field="checkpoint")
     stored = {a.name for a in artifact_service.list_artifacts(session, run.id)}
+    known = ", ".join(sorted(n for n in stored if CHECKPOINT_PATTERN.match(n))) or "none"
     if checkpoint is None:
         if status != RunStatus.succeeded or ADAPTER_ARTIFACT not in stored:
-            known = ", ".join(sorted(n for n in stored if n != ADAPTER_ARTIFACT)) or "none"
-            raise EvaluationConflict(f"run {run.id} ({status.value}) has no stored final adapter to evaluate; "
-                                     f"pick one of its stored checkpoints (stored: {known})")
+            raise JobConflict(f"run {run.id} ({status.value}) has no stored final adapter; pick one of its stored "
+                              f"checkpoints (stored: {known})", field="checkpoint")
         return artifact_service.get_manifest(session, run.id, ADAPTER_ARTIFACT)
     if not CHECKPOINT_PATTERN.match(checkpoint) or checkpoint not in stored:
-        known = ", ".join(sorted(n for n in stored if n != ADAPTER_ARTIFACT)) or "none"
-        raise EvaluationNotFound(f"run {run.id} has no stored checkpoint {checkpoint!r} (stored: {known})")
+        raise JobNotFound(f"run {run.id} has no stored checkpoint {checkpoint!r} (stored: {known})")
     return artifact_service.get_manifest(session, run.id, checkpoint)
 
 
 def _check_limits(backend: str, max_rows: int, max_new_tokens: int) -> None:
     if backend not in BACKENDS:
-        raise EvaluationError(f"backend must be one of {', '.join(BACKENDS)}")
+        raise JobError(f"backend must be one of {', '.join(BACKENDS)}")
     if not 1 <= max_rows <= MAX_ROWS_LIMIT:
-        raise EvaluationError(f"max_rows must be between 1 and {MAX_ROWS_LIMIT}")
+        raise JobError(f"max_rows must be between 1 and {MAX_ROWS_LIMIT}")
     if not 1 <= max_new_tokens <= 4096:
-        raise EvaluationError("max_new_tokens must be between 1 and 4096")
+        raise JobError("max_new_tokens must be between 1 and 4096")
 
 
 def _rows_for_dataset(session: Session, dataset_id: int, formatting: str | None,
                       columns: dict[str, Any] | None, max_rows: int) -> tuple[Dataset, list[int], list[Any]]:
     dataset = session.get(Dataset, dataset_id)
     if dataset is None:
-        raise EvaluationNotFound(f"dataset {dataset_id} not found")
+        raise JobNotFound(f"dataset {dataset_id} not found")
     if formatting is not None and (dataset.formatting != formatting or (columns is not None and dataset.columns != columns)):
-        raise EvaluationError(
+        raise JobError(
             f"dataset {dataset.name} is {dataset.formatting} with columns {dataset.columns}; the run trained on "
             f"{formatting} with columns {columns}: evaluate it on a dataset of the same format"
         )
     indices = list(range(min(dataset.row_count, max_rows)))
     return dataset, indices, _pick_rows([dataset], indices)
+
+
+def dataset_choices(session: Session, run: Run) -> list[Dataset]:
+    """Registered datasets a run can be evaluated on: of the format it trained on."""
+    trained = [session.get(Dataset, entry["id"]) for entry in run.lineage.get("datasets", [])]
+    formats = {(d.formatting, json.dumps(d.columns, sort_keys=True)) for d in trained if d is not None}
+    return [d for d in session.exec(select(Dataset).order_by(col(Dataset.id))).all()
+            if not formats or (d.formatting, json.dumps(d.columns, sort_keys=True)) in formats]
 
 
 def _store_rows(rows: list[Any], formatting: str, columns: dict[str, Any]) -> str:
@@ -267,13 +238,11 @@ def create_for_run(session: Session, run_id: int, *, checkpoint: str | None = No
     _check_limits(backend, max_rows, max_new_tokens)
     run = session.get(Run, run_id)
     if run is None:
-        raise EvaluationNotFound(f"run {run_id} not found")
-    manifest = _adapter_manifest(session, run, checkpoint or None)
-    args = _run_args(run)
-    model_path = str((run.lineage.get("model") or {}).get("path") or args.get("model_name_or_path") or "")
-    model = session.exec(select(ModelEntry).where(ModelEntry.path == model_path)).first()
-    if model is None:
-        raise EvaluationConflict(f"run {run.id}'s base model ({model_path}) is no longer registered")
+        raise JobNotFound(f"run {run_id} not found")
+    manifest = adapter_manifest(session, run, checkpoint or None)
+    args = run_training_args(run)
+    model = base_model_of(session, run)
+    model_path = model.path
     trained_on = [session.get(Dataset, entry["id"]) for entry in run.lineage.get("datasets", [])]
     present = [d for d in trained_on if d is not None]
     formats = {(d.formatting, json.dumps(d.columns, sort_keys=True)) for d in present}
@@ -284,12 +253,12 @@ def create_for_run(session: Session, run_id: int, *, checkpoint: str | None = No
     else:
         val_size = float(args.get("val_size") or 0)
         if val_size <= 1e-6:
-            raise EvaluationConflict(f"run {run.id} held out no rows (val_size is 0): evaluate it on a registered "
+            raise JobConflict(f"run {run.id} held out no rows (val_size is 0): evaluate it on a registered "
                                      "dataset (dataset_id)")
         if any(d is None for d in trained_on):
-            raise EvaluationConflict(f"a dataset run {run.id} trained on was deleted: its held-out rows are gone")
+            raise JobConflict(f"a dataset run {run.id} trained on was deleted: its held-out rows are gone")
         if formatting is None:
-            raise EvaluationConflict(f"run {run.id} trained on datasets of different formats: evaluate it on one "
+            raise JobConflict(f"run {run.id} trained on datasets of different formats: evaluate it on one "
                                      "registered dataset (dataset_id)")
         total = sum(entry["rows"] for entry in run.lineage["datasets"])
         indices = held_out_indices(total, val_size, int(args.get("seed", 42)))[:max_rows]
@@ -318,10 +287,10 @@ def create_for_model(session: Session, model_id: int, *, dataset_id: int, backen
     _check_limits(backend, max_rows, max_new_tokens)
     model = session.get(ModelEntry, model_id)
     if model is None:
-        raise EvaluationNotFound(f"model {model_id} not found")
+        raise JobNotFound(f"model {model_id} not found")
     template = template or model.suggested_template
     if not template:
-        raise EvaluationError(f"model {model.name} suggests no chat template: name one (template)")
+        raise JobError(f"model {model.name} suggests no chat template: name one (template)")
     dataset, indices, rows = _rows_for_dataset(session, dataset_id, None, None, max_rows)
     digest = _store_rows(rows, dataset.formatting, dataset.columns)
     wanted = Evaluation(
@@ -337,104 +306,10 @@ def create_for_model(session: Session, model_id: int, *, dataset_id: int, backen
     return base
 
 
-# --------------------------------------------------------------------------- scheduling
-def holding(session: Session) -> list[Evaluation]:
-    """Evaluations that hold part of a worker (dispatched, starting or running)."""
-    return list(session.exec(select(Evaluation).where(
-        col(Evaluation.status).in_(HOLDING), col(Evaluation.dispatched_worker_id).is_not(None))).all())
-
-
-def waiting(session: Session) -> list[Evaluation]:
-    return list(session.exec(select(Evaluation).where(
-        Evaluation.status == E.queued, col(Evaluation.dispatch_id).is_(None)).order_by(col(Evaluation.id))).all())
-
-
-def dispatch(session: Session, choices: list[tuple[Evaluation, str, list[int]]]) -> int:
-    """Hand each queued evaluation to its worker, then send the tasks; a refused send is taken back."""
-    sent = []
-    now = utcnow()
-    for evaluation, worker_id, gpu_ids in choices:
-        dispatch_id = uuid.uuid4().hex
-        result = session.exec(_update(Evaluation.id == evaluation.id, Evaluation.status == E.queued,
-                                      col(Evaluation.dispatch_id).is_(None))
-                              .values(dispatch_id=dispatch_id, dispatched_worker_id=worker_id, dispatched_at=now,
-                                      gpu_ids=gpu_ids))
-        if result.rowcount == 1:
-            sent.append((evaluation.id, worker_id, dispatch_id, gpu_ids))
-    session.commit()
-    errors = send_to_workers([(worker_id, EVAL_TASK, EvalTask(evaluation_id=eid, dispatch_id=did, gpu_ids=gpus))
-                              for eid, worker_id, did, gpus in sent])
-    for (eid, worker_id, did, _gpus), error in zip(sent, errors, strict=True):
-        if error is not None:
-            log.error("evaluation %s: could not send its task to %s: %s", eid, worker_id, error)
-            release_dispatch(session, eid, did, f"the broker refused the task: {error}")
-    return sum(error is None for error in errors)
-
-
-def release_dispatch(session: Session, evaluation_id: int, dispatch_id: str, reason: str) -> bool:
-    result = session.exec(_update(Evaluation.id == evaluation_id, Evaluation.status == E.queued,
-                                  Evaluation.dispatch_id == dispatch_id)
-                          .values(dispatch_id=None, dispatched_worker_id=None, dispatched_at=None, gpu_ids=[]))
-    if result.rowcount != 1:
-        session.rollback()
-        return False
-    session.commit()
-    log.warning("evaluation %s: dispatch released: %s", evaluation_id, reason)
-    return True
-
-
-def release_stale_dispatches(session: Session, online: set[str], now: datetime) -> None:
-    cutoff = now - timedelta(seconds=get_settings().dispatch_timeout_s)
-    for evaluation in session.exec(select(Evaluation).where(
-            Evaluation.status == E.queued, col(Evaluation.dispatch_id).is_not(None))).all():
-        if evaluation.dispatched_worker_id not in online:
-            release_dispatch(session, evaluation.id, evaluation.dispatch_id, "its worker went offline")
-        elif evaluation.dispatched_at is not None and as_utc(evaluation.dispatched_at) < cutoff:
-            release_dispatch(session, evaluation.id, evaluation.dispatch_id, "not claimed in time")
-
-
-def mark_lost(session: Session, now: datetime | None = None) -> list[int]:
-    """Claimed evaluations whose worker has been silent past the heartbeat timeout."""
-    now = now or utcnow()
-    cutoff = now - timedelta(seconds=get_settings().heartbeat_timeout_s)
-    lost = []
-    for evaluation in session.exec(select(Evaluation).where(
-            col(Evaluation.status).in_(CLAIMED), col(Evaluation.heartbeat_at) < cutoff)).all():
-        reason = f"worker {evaluation.worker_id} went silent"
-        if _transition(session, evaluation.id, E.lost, allowed_from=CLAIMED,
-                       extra_where=[col(Evaluation.heartbeat_at) < cutoff],
-                       values={"status_reason": reason, "finished_at": now}):
-            lost.append(evaluation.id)
-    if lost:
-        kick_scheduler()
-    return lost
-
-
 # --------------------------------------------------------------------------- the worker channel
 def claim(session: Session, evaluation_id: int, request: EvalClaim) -> EvalSpec:
-    now = utcnow()
-    claimed = _transition(
-        session, evaluation_id, E.starting, allowed_from=[E.queued],
-        extra_where=[Evaluation.dispatch_id == request.dispatch_id,
-                     Evaluation.dispatched_worker_id == request.worker_id],
-        values={"worker_id": request.worker_id, "worker_instance": request.instance_id or None,
-                "started_at": now, "heartbeat_at": now},
-    )
-    evaluation = get_evaluation(session, evaluation_id)
-    if not claimed:
-        raise EvaluationConflict(f"evaluation {evaluation_id} is not claimable by {request.worker_id} "
-                                 f"({evaluation.status.value}, dispatched to {evaluation.dispatched_worker_id})")
-    manifest = None
-    if evaluation.run_id is not None:
-        try:
-            manifest = artifact_service.get_manifest(session, evaluation.run_id,
-                                                     evaluation.checkpoint or ADAPTER_ARTIFACT)
-        except artifact_service.ArtifactError:
-            manifest = None
-        if manifest is None or manifest.digest != evaluation.adapter_digest:
-            reason = f"{evaluation.checkpoint or ADAPTER_ARTIFACT} of run {evaluation.run_id} was deleted or replaced"
-            fail(session, evaluation, reason)
-            raise EvaluationConflict(f"evaluation {evaluation_id}: {reason}")
+    evaluation = _jobs.claim(session, evaluation_id, request)
+    manifest = _jobs.claimed_adapter(session, evaluation) if evaluation.run_id is not None else None
     dataset = session.get(Dataset, evaluation.dataset_id) if evaluation.dataset_id else None
     columns = dataset.columns if dataset is not None else _split_columns(session, evaluation)
     settings = get_settings()
@@ -464,37 +339,12 @@ def rows_path(session: Session, evaluation_id: int) -> Path:
     evaluation = get_evaluation(session, evaluation_id)
     path = rows_file(evaluation.rows_digest)
     if not path.is_file():
-        raise EvaluationNotFound(f"evaluation {evaluation_id}'s rows are gone")
+        raise JobNotFound(f"evaluation {evaluation_id}'s rows are gone")
     return path
 
 
-def _claimed_by(session: Session, evaluation_id: int, worker_id: str) -> Evaluation:
-    evaluation = session.get(Evaluation, evaluation_id)
-    if evaluation is None:
-        raise EvaluationNotFound(f"evaluation {evaluation_id} not found (deleted)")
-    session.refresh(evaluation)
-    if evaluation.status not in CLAIMED or evaluation.worker_id != worker_id:
-        raise EvaluationConflict(f"evaluation {evaluation_id} is {evaluation.status.value} "
-                                 f"(worker {evaluation.worker_id}): stop it")
-    return evaluation
-
-
-def heartbeat(session: Session, evaluation_id: int, report: EvalHeartbeat) -> bool:
-    """A worker's beat; returns whether the user asked to cancel."""
-    evaluation = _claimed_by(session, evaluation_id, report.worker_id)
-    if report.status == "running" and evaluation.status == E.starting:
-        _transition(session, evaluation_id, E.running, allowed_from=[E.starting])
-    result = session.exec(_update(Evaluation.id == evaluation_id, col(Evaluation.status).in_(CLAIMED),
-                                  Evaluation.worker_id == report.worker_id).values(heartbeat_at=utcnow()))
-    if result.rowcount != 1:
-        session.rollback()
-        raise EvaluationConflict(f"evaluation {evaluation_id} is over: stop it")
-    session.commit()
-    return get_evaluation(session, evaluation_id).cancel_requested
-
-
 def store_predictions(session: Session, evaluation_id: int, worker_id: str, source: Any) -> Path:
-    _claimed_by(session, evaluation_id, worker_id)
+    _jobs.claimed_by(session, evaluation_id, worker_id)
     target = predictions_file(evaluation_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
@@ -504,50 +354,14 @@ def store_predictions(session: Session, evaluation_id: int, worker_id: str, sour
     return target
 
 
-def fail(session: Session, evaluation: Evaluation, reason: str) -> bool:
-    return _transition(session, evaluation.id, E.failed, values={"status_reason": reason, "finished_at": utcnow()})
-
-
 def finish(session: Session, evaluation_id: int, report: EvalFinish) -> Evaluation:
-    evaluation = get_evaluation(session, evaluation_id)
-    outcome = E(report.outcome)
-    if outcome == E.failed and evaluation.cancel_requested:
-        outcome = E.cancelled
-    reason = report.reason[-REASON_MAX_CHARS:]
+    outcome, reason = _jobs.reported_outcome(get_evaluation(session, evaluation_id), report.outcome, report.reason)
     metrics = {name: float(report.metrics[name]) for name in EVAL_METRICS if name in report.metrics}
     if outcome == E.succeeded and (len(metrics) != len(EVAL_METRICS) or not predictions_file(evaluation_id).is_file()):
         outcome, reason = E.failed, f"the worker reported success without all of {EVAL_METRICS} and the predictions"
-    if outcome == E.cancelled and not reason:
-        reason = "cancelled by the user"
-    finished = _transition(
-        session, evaluation_id, outcome, allowed_from=CLAIMED, extra_where=[Evaluation.worker_id == report.worker_id],
-        values={"status_reason": reason, "metrics": metrics, "rows_evaluated": report.rows,
-                "generate_s": report.generate_s, "elapsed_s": report.elapsed_s, "versions": report.versions,
-                "finished_at": utcnow()},
-    )
-    evaluation = get_evaluation(session, evaluation_id)
-    if finished:
-        kick_scheduler()
-        return evaluation
-    if evaluation.status == outcome:
-        return evaluation  # the same finish, re-sent
-    raise EvaluationConflict(f"evaluation {evaluation_id} cannot finish as {outcome.value}: it is "
-                             f"{evaluation.status.value}")
-
-
-# --------------------------------------------------------------------------- user actions
-def cancel(session: Session, evaluation_id: int) -> Evaluation:
-    evaluation = get_evaluation(session, evaluation_id)
-    if evaluation.status.is_finished():
-        raise EvaluationConflict(f"evaluation {evaluation_id} is already {evaluation.status.value}")
-    if evaluation.status == E.queued and _transition(
-            session, evaluation_id, E.cancelled, allowed_from=[E.queued],
-            values={"status_reason": "cancelled before it started", "finished_at": utcnow()}):
-        return get_evaluation(session, evaluation_id)
-    session.exec(_update(Evaluation.id == evaluation_id, col(Evaluation.status).in_(CLAIMED))
-                 .values(cancel_requested=True))
-    session.commit()
-    return get_evaluation(session, evaluation_id)
+    return _jobs.finish(session, evaluation_id, report.worker_id, outcome, {
+        "status_reason": reason, "metrics": metrics, "rows_evaluated": report.rows, "generate_s": report.generate_s,
+        "elapsed_s": report.elapsed_s, "versions": report.versions})
 
 
 # --------------------------------------------------------------------------- reading
@@ -638,7 +452,7 @@ def best_checkpoint(session: Session, run_id: int, metric: str = "eval_loss") ->
         best = artifact_service._best_checkpoint(session, checkpoints)
         return None if best is None else {"name": best.name, "step": best.step, "metric": "eval_loss"}
     if metric not in EVAL_METRICS:
-        raise EvaluationError(f"metric must be eval_loss or one of {', '.join(EVAL_METRICS)}")
+        raise JobError(f"metric must be eval_loss or one of {', '.join(EVAL_METRICS)}")
     scored = []
     for checkpoint in checkpoints:
         evaluation = latest_succeeded(session, run_id, checkpoint.name)
