@@ -80,3 +80,42 @@ def test_gateway_requests_tokens_and_latency_per_model(anon_client, session, gat
     assert grew("tuneboard_gateway_tokens_total", (("kind", "prompt"), ("model", "tiny-chat"))) == 31
     assert grew("tuneboard_gateway_tokens_total", (("kind", "completion"), ("model", "tiny-chat"))) == 1
     assert grew("tuneboard_gateway_request_seconds_count", (("model", "tiny-chat"),)) == 3
+
+
+def test_users_shares_webhook_deliveries_and_rate_limited_requests(anon_client, client, session, gateway_key,
+                                                                    ready_model, secret_server) -> None:
+    from sqlmodel import select
+
+    from app.models import User
+    from app.models.gateway_key import GatewayKeyLimit
+    from app.models.user import ApiToken
+    from app.models.webhook import Webhook, WebhookDelivery
+    from app.services import quotas, scheduler
+
+    admin = session.exec(select(User)).first()
+    config = run_config_factory(session)
+    session.add(Run(name="queued", config_id=config.id, status="queued", owner_id=admin.id))
+    session.commit()
+    quotas.set_user_gpu_cap(session, 2)
+    scheduler.schedule(session)
+    hook = Webhook(user_id=admin.id, url="http://127.0.0.1:9/hook", events=["run.failed"], secret="s")
+    session.add(hook)
+    session.flush()
+    session.add(WebhookDelivery(webhook_id=hook.id, event="run.failed", body="{}", status="failed"))
+    key_id = session.exec(select(ApiToken.id).where(ApiToken.kind == "gateway")).one()
+    session.add(GatewayKeyLimit(token_id=key_id, requests_per_minute=1))
+    session.commit()
+    server = session.get(InferenceServer, ready_model.server_id)
+    server.url = secret_server
+    session.add(server)
+    session.commit()
+    codes = [anon_client.post("/v1/chat/completions", headers=bearer(gateway_key),
+                              json={"model": "tiny-chat", **CHINESE_REQUEST}).status_code for _ in range(2)]
+    assert codes == [200, 429]
+    samples = scrape(anon_client)
+    assert samples[("tuneboard_user_queued_runs", (("user", "admin"),))] == 1
+    assert samples[("tuneboard_user_gpus_in_use", (("user", "admin"),))] == 0
+    assert samples[("tuneboard_user_gpu_cap", ())] == 2
+    assert samples[("tuneboard_webhook_deliveries", (("status", "failed"),))] == 1
+    assert samples[("tuneboard_webhook_deliveries", (("status", "pending"),))] == 0
+    assert samples[("tuneboard_gateway_rate_limited_total", (("model", "tiny-chat"),))] >= 1

@@ -10,10 +10,13 @@ from sqlmodel import Session
 
 from app.cli import cli
 from app.db import get_engine, migrate
-from app.services import users
+from app.models.user import UserRole
+from app.services import audit, users
 
-user_cli = typer.Typer(help="Accounts: create users, reset passwords.", no_args_is_help=True)
+user_cli = typer.Typer(help="Accounts: create users (admin, member, viewer), reset passwords.", no_args_is_help=True)
 cli.add_typer(user_cli, name="user")
+# Where the audit log says these changes came from: the server's own shell, no panel user.
+SHELL = "server shell"
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -25,7 +28,8 @@ def _read_password(from_stdin: bool) -> str:
 @user_cli.command("create")
 def create(
     username: str,
-    admin: Annotated[bool, typer.Option("--admin", help="Make this user an admin.")] = False,
+    admin: Annotated[bool, typer.Option("--admin", help="Make this user an admin (same as --role admin).")] = False,
+    role: Annotated[UserRole, typer.Option("--role", help="admin, member (the default) or viewer.")] = UserRole.member,
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin.")] = False,
 ) -> None:
     """Create a user (the password is prompted for, or read from stdin)."""
@@ -33,11 +37,13 @@ def create(
     password = _read_password(password_stdin)
     with Session(get_engine()) as session:
         try:
-            user = users.create_user(session, username, password, is_admin=admin)
+            user = users.create_user(session, username, password, role=UserRole.admin if admin else role)
         except users.UserError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(1) from None
-    typer.echo(f"created {'admin' if user.is_admin else 'user'} {user.username}")
+        created = f"created {user.role.value} {user.username}"
+        audit.record(session, "user.create", "user", user.id, address=SHELL, detail={"role": user.role.value})
+    typer.echo(created)
 
 
 @user_cli.command("set-password")
@@ -57,4 +63,5 @@ def set_password(
         except users.UserError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(1) from None
+        audit.record(session, "user.password", "user", user.id, address=SHELL)
     typer.echo(f"password of {username} changed")

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, HTTPException, Request, Response, status
+from fastapi import APIRouter, Form, Request, Response, status
 from fastapi.responses import RedirectResponse
 
 from app.auth import CurrentUser, session_user
 from app.db import SessionDep
-from app.models.user import ApiTokenCreate, ApiTokenCreated, ApiTokenPublic, User
+from app.errors import Forbidden
+from app.models.user import ApiTokenCreated, ApiTokenPublic, PersonalTokenCreate, User, UserRole
 from app.security import (
     clear_session,
     csrf_matches,
@@ -22,7 +23,7 @@ from app.security import (
     safe_next_url,
     write_session,
 )
-from app.services import users
+from app.services import audit, users
 from app.templating import render
 
 public_router = APIRouter(tags=["auth-pages"], include_in_schema=False)
@@ -80,12 +81,20 @@ def login(
     next: Annotated[str, Form()] = "/",
 ) -> Response:
     context = {"next": safe_next_url(next), "username": username}
+    audit.note(action="session.login", username=username[:100])
     if not csrf_matches(read_session(request).get("csrf"), csrf_token):
         return _anonymous_page(request, "auth/login.html", {**context, "error": EXPIRED_FORM}, 403)
-    user = users.authenticate(session, username, password)
+    try:
+        user = users.authenticate(session, username, password)
+    except users.AccountDisabled as refused:  # the form says so
+        audit.note(error=refused.detail)
+        return _anonymous_page(request, "auth/login.html", {**context, "error": refused.detail}, 403)
     if user is None:
         error = "Wrong username or password."
+        audit.note(error=error)
         return _anonymous_page(request, "auth/login.html", {**context, "error": error}, 400)
+    audit.note_user(user)
+    audit.note(entity=("user", user.id))
     return _log_in(request, user, next)
 
 
@@ -106,7 +115,7 @@ def setup(
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     if users.user_count(session) > 0:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "setup is done: an admin exists, log in instead")
+        raise Forbidden("setup is done: an admin exists, log in instead")
     page = "auth/setup.html"
     if not csrf_matches(read_session(request).get("csrf"), csrf_token):
         return _anonymous_page(request, page, {"username": username, "errors": {"form": EXPIRED_FORM}}, 403)
@@ -114,20 +123,26 @@ def setup(
         errors = {"password_again": "The two passwords differ."}
         return _anonymous_page(request, page, {"username": username, "errors": errors}, 400)
     try:
-        admin = users.create_user(session, username, password, is_admin=True)
+        admin = users.create_user(session, username, password, role=UserRole.admin)
     except users.UserError as error:
-        errors = {error.field: str(error)}
+        errors = {error.field: error.detail}
         return _anonymous_page(request, page, {"username": username, "errors": errors}, 400)
+    audit.note_user(admin)
+    audit.note(action="user.setup")
     return _log_in(request, admin, "/")
 
 
 @public_router.post("/logout")
 async def logout(request: Request, session: SessionDep) -> Response:
     data = read_session(request)
+    user = session_user(request, session)
+    if user is not None:
+        audit.note_user(user)
+    audit.note(action="session.logout")
     if "uid" in data:
         given = request.headers.get("X-CSRF-Token") or (await request.form()).get("csrf_token")
         if not csrf_matches(data.get("csrf"), given if isinstance(given, str) else None):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, "missing or wrong CSRF token")
+            raise Forbidden("missing or wrong CSRF token")
     response = _redirect("/login")
     clear_session(request, response)
     return response
@@ -161,10 +176,11 @@ def change_password_from_page(
     new_password_again: Annotated[str, Form()] = "",
 ) -> Response:
     """htmx: the password form again, with the refusal next to its field or a confirmation."""
+    audit.note(action="user.password", entity=("user", user.id))
     try:
         users.change_password(session, user, current_password, new_password, new_password_again)
     except users.UserError as error:
-        context = _account_context(session, user, password_errors={error.field: str(error)})
+        context = _account_context(session, user, password_errors={error.field: error.detail})
         return render(request, "auth/account.html", context, block="password")
     response = render(request, "auth/account.html", _account_context(session, user, password_changed=True),
                       block="password")
@@ -177,12 +193,13 @@ def change_password_from_page(
 @router.post("/account/tokens")
 def create_token_from_page(
     request: Request, session: SessionDep, user: CurrentUser, name: Annotated[str, Form()] = "",
-    expires_in_days: Annotated[str, Form()] = "",
+    expires_in_days: Annotated[str, Form()] = "", read_only: Annotated[bool, Form()] = False,
 ) -> Response:
     if not name.strip():
         return _tokens_fragment(request, session, user, errors={"name": "Name the token (e.g. laptop CLI)."})
     days = int(expires_in_days) if expires_in_days in {str(d) for _, d in TOKEN_LIFETIMES if d} else None
-    _token, raw = users.create_token(session, user, name[:100], kind="api", expires_in_days=days)
+    _token, raw = users.create_token(session, user, name[:100], kind="api", expires_in_days=days,
+                                     read_only=read_only)
     return _tokens_fragment(request, session, user, new_token=raw)
 
 
@@ -202,13 +219,13 @@ def list_api_tokens(session: SessionDep, user: CurrentUser) -> list[ApiTokenPubl
 
 
 @api_router.post("/tokens", status_code=status.HTTP_201_CREATED)
-def create_api_token(body: ApiTokenCreate, session: SessionDep, user: CurrentUser) -> ApiTokenCreated:
+def create_api_token(body: PersonalTokenCreate, session: SessionDep, user: CurrentUser) -> ApiTokenCreated:
     """A new personal API token; `token` is shown in this response only."""
-    token, raw = users.create_token(session, user, body.name, kind="api", expires_in_days=body.expires_in_days)
-    return ApiTokenCreated.model_validate({**token.model_dump(), "token": raw})
+    token, raw = users.create_token(session, user, body.name, kind="api", expires_in_days=body.expires_in_days,
+                                    read_only=body.read_only)
+    return ApiTokenCreated.model_validate({**token.model_dump(), "owner": user.username, "token": raw})
 
 
 @api_router.delete("/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT)
 def revoke_api_token(token_id: int, session: SessionDep, user: CurrentUser) -> None:
-    if not users.revoke_token(session, user, token_id):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no live API token {token_id} of yours")
+    users.revoke_api_token(session, user, token_id)

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from app.auth import session_user
 from app.db import SessionDep
 from app.security import CSRF_HEADER, csrf_matches, read_session
-from app.services import metrics
+from app.services import metrics, rate_limits
 from app.services.deployments import DeploymentError, gateway_models, resolve_model
 from app.services.users import find_token
 
@@ -31,8 +31,8 @@ router = APIRouter(prefix="/v1", tags=["gateway"])
 
 # The end of a stream kept to find its usage chunk in (the last few events).
 USAGE_TAIL_BYTES = 8192
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               409: "conflict_error", 502: "upstream_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error", 502: "upstream_error"}
 
 
 def openai_error(status_code: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
@@ -46,8 +46,10 @@ def _refused(request: Request, session: SessionDep) -> JSONResponse | None:
     """None when the caller may use the gateway, else the 401 to answer."""
     authorization = request.headers.get("Authorization", "")
     if authorization.startswith("Bearer "):
-        if find_token(session, authorization.removeprefix("Bearer ").strip(), kind="gateway") is None:
+        key = find_token(session, authorization.removeprefix("Bearer ").strip(), kind="gateway")
+        if key is None:
             return openai_error(401, "invalid or revoked API key", "invalid_api_key")
+        request.state.gateway_key_id = key.id  # for its model scope, rate limits and usage
         return None
     if session_user(request, session) is not None:
         if request.method == "GET" or csrf_matches(read_session(request).get("csrf"), request.headers.get(CSRF_HEADER)):
@@ -75,9 +77,10 @@ def _client(request: Request) -> httpx.AsyncClient:
 def list_models(request: Request, session: SessionDep):
     if (refused := _refused(request, session)) is not None:
         return refused
+    only = rate_limits.allowed_models(session, getattr(request.state, "gateway_key_id", None))
     data = [
         {"id": name, "object": "model", "created": int(created.timestamp()), "owned_by": "tuneboard"}
-        for name, created in gateway_models(session)
+        for name, created in gateway_models(session) if only is None or name == only
     ]
     return {"object": "list", "data": data}
 
@@ -117,13 +120,34 @@ def _route(request: Request, session: SessionDep, raw: bytes, prompt_field: str)
         return openai_error(400, "`model` is required: GET /v1/models lists the deployed ones", param="model")
     try:
         route = resolve_model(session, model)
+    # /v1 answers in OpenAI's error shape (what its clients parse), not the panel's {"detail"}: the
+    # one place a domain error is mapped outside app.main's handler.
     except DeploymentError as error:
         return openai_error(error.status_code, str(error), "model_not_found" if error.status_code == 404 else None, "model")
+    if (limited := _admit(request, session, model)) is not None:  # a model that exists: a bounded label
+        return limited
     if (invalid := _validate(body, route.max_model_len, prompt_field)) is not None:
         return invalid
     # The server knows the adapter by its own name; the answer keeps the one the caller used.
     body["model"] = route.upstream_model
     return route, body
+
+
+def _admit(request: Request, session: SessionDep, model: str) -> JSONResponse | None:
+    """A gateway key's model scope and rate limits (app/services/rate_limits.py); None: go on."""
+    key_id = getattr(request.state, "gateway_key_id", None)
+    if key_id is None:  # the playground's browser session
+        return None
+    try:
+        request.state.admitted = rate_limits.admit(session, key_id, model)
+    except rate_limits.KeyNotForModel as error:
+        return openai_error(403, error.detail, "model_not_allowed", "model")
+    except rate_limits.RateLimited as error:
+        metrics.GATEWAY_RATE_LIMITED.labels(model).inc()
+        refused = openai_error(429, error.detail, "rate_limit_exceeded")
+        refused.headers["Retry-After"] = str(error.retry_after)
+        return refused
+    return None
 
 
 @router.post("/chat/completions")
@@ -149,6 +173,8 @@ async def _proxy(request: Request, session: SessionDep, path: str, *, prompt_fie
 
     def counted(status_code: int, usage: dict[str, Any] | None = None) -> None:
         metrics.record_gateway_request(route.upstream_model, status_code, time.perf_counter() - started, usage)
+        if (admitted := getattr(request.state, "admitted", None)) is not None:
+            rate_limits.record_tokens(admitted, usage)
 
     client = _client(request)
     upstream = client.build_request("POST", f"{route.url}/v1/{path}", json=body, headers=route.headers)

@@ -1,7 +1,8 @@
 """Operations metrics in Prometheus' text format (prometheus-client), for `GET /metrics`.
 
-Two kinds: what the database says at scrape time (runs by status, the queue's depth and wait,
-workers and their GPUs), read by a collector when Prometheus asks; and what the gateway counts
+Two kinds: what the database and the scheduler's last pass say at scrape time (runs by status, the
+queue's depth and wait, workers and their GPUs, each user's GPUs in use and GPU-hours, webhook
+deliveries), read by a collector when Prometheus asks; and what the gateway counts
 as requests go through (requests, tokens and latency per served model), kept in this process.
 They live in a registry of their own, not prometheus-client's global one.
 """
@@ -18,7 +19,9 @@ from sqlmodel import Session, col, func, select
 
 from app.db import get_engine
 from app.models import Run, RunStatus, Worker
+from app.models.webhook import DeliveryStatus, WebhookDelivery
 from app.models.base import as_utc, utcnow
+from app.services.scheduler import queue_usage
 from app.services.workers import is_online
 
 REGISTRY = CollectorRegistry()
@@ -34,6 +37,12 @@ GATEWAY_TOKENS = Counter(
 GATEWAY_LATENCY = Histogram(
     "tuneboard_gateway_request_seconds", "Time from the gateway's request to the model's last byte.",
     ["model"], registry=REGISTRY, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+
+
+GATEWAY_RATE_LIMITED = Counter(
+    "tuneboard_gateway_rate_limited", "Requests refused (429) for a gateway key over its limits, by model asked for.",
+    ["model"], registry=REGISTRY,
 )
 
 
@@ -53,6 +62,8 @@ class PanelCollector(Collector):
         with Session(get_engine()) as session:
             yield from _run_metrics(session)
             yield from _worker_metrics(session)
+            yield from _webhook_metrics(session)
+        yield from _user_metrics()
 
 
 def _run_metrics(session: Session) -> Iterator[GaugeMetricFamily]:
@@ -88,6 +99,34 @@ def _worker_metrics(session: Session) -> Iterator[GaugeMetricFamily]:
     yield online
     yield utilization
     yield memory
+
+
+def _user_metrics() -> Iterator[GaugeMetricFamily]:
+    """Each user's share, as of the scheduler's last pass (app/services/quotas.py)."""
+    usage = queue_usage()
+    in_use = GaugeMetricFamily("tuneboard_user_gpus_in_use", "GPUs (a CPU run's slot counts as 1) the user's runs hold.",
+                               labels=["user"])
+    hours = GaugeMetricFamily("tuneboard_user_gpu_hours_24h", "The user's GPU-hours in the last 24 hours (fair share).",
+                              labels=["user"])
+    queued = GaugeMetricFamily("tuneboard_user_queued_runs", "The user's queued runs.", labels=["user"])
+    for row in usage.users:
+        in_use.add_metric([row.username], row.units_in_use)
+        hours.add_metric([row.username], row.gpu_hours_24h)
+        queued.add_metric([row.username], row.queued)
+    yield in_use
+    yield hours
+    yield queued
+    if usage.cap is not None:
+        yield GaugeMetricFamily("tuneboard_user_gpu_cap", "GPUs one user's runs may hold at once.", value=usage.cap)
+
+
+def _webhook_metrics(session: Session) -> Iterator[GaugeMetricFamily]:
+    by_status = dict(session.exec(select(WebhookDelivery.status, func.count()).group_by(WebhookDelivery.status)).all())
+    deliveries = GaugeMetricFamily("tuneboard_webhook_deliveries", "Webhook deliveries by status (pending: being retried).",
+                                   labels=["status"])
+    for status in DeliveryStatus:
+        deliveries.add_metric([status.value], by_status.get(status, 0))
+    yield deliveries
 
 
 REGISTRY.register(PanelCollector())

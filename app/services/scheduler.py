@@ -6,10 +6,11 @@ what the runs and servers dispatched to it hold. Training and serving draw on se
 so a deploy never waits for a training slot (on a GPU worker a server also takes one GPU, and
 servers are placed before runs in each pass). Among the workers that hold the model and have
 room, a run goes to the one it leaves with the least room to spare. Queued runs are taken by
-priority, first come first served within one; a run that does not fit does not block smaller
-ones behind it. A dispatch whose claim does not arrive within `dispatch_timeout_s` (or whose
-worker went offline) is released and dispatched again; the claim is the guard against any
-attempt starting twice.
+priority; within one, the user with fewer GPU-hours in the last 24 h first, then first come first
+served; a user's runs hold at most the admin's cap of GPUs at once (app/services/quotas.py). A run
+that does not fit does not block smaller ones behind it. A dispatch whose claim does not arrive
+within `dispatch_timeout_s` (or whose worker went offline) is released and dispatched again; the
+claim is the guard against any attempt starting twice.
 
 The pass also explains every queued run it leaves waiting (its position and why), kept in memory
 for the pages and the API: the web process is the only scheduler.
@@ -27,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, or_, select
 
 from app.db import get_engine
 from app.models import InferenceServer, ModelEntry, Run, RunStatus, Worker
@@ -38,6 +39,7 @@ from app.services import deployments as deployment_service
 from app.services import evaluations as evaluation_service
 from app.services import exports as export_service
 from app.services.broker import kick_scheduler, scheduler_kicked
+from app.services import quotas
 from app.services import runs as run_service
 from app.services.workers import is_online
 from app.settings import get_settings
@@ -48,7 +50,7 @@ PASS_INTERVAL_S = 1.0
 # What a pass reads of a run: not its YAML, metrics or results.
 RUN_COLUMNS = (Run.id, Run.attempt, Run.status, Run.priority, Run.queued_at, Run.gpus_requested, Run.gpu_ids,
                Run.worker_id, Run.dispatched_worker_id, Run.dispatch_id, Run.dispatched_at, Run.remaining_s,
-               Run.lineage)
+               Run.lineage, Run.owner_id)
 LOST_SWEEP_INTERVAL_S = 2.0
 HOLDING_RUN_STATUSES = (RunStatus.queued, RunStatus.starting, RunStatus.running)
 HOLDING_SERVER_STATUSES = (DeploymentStatus.pending, DeploymentStatus.starting, DeploymentStatus.ready)
@@ -129,6 +131,7 @@ class _Plan:
 
     runs: dict[int, QueueSpot] = field(default_factory=dict)
     servers: dict[int, str] = field(default_factory=dict)
+    usage: quotas.QueueUsage = field(default_factory=lambda: quotas.QueueUsage(None, []))
 
 
 _plan = _Plan()
@@ -141,6 +144,11 @@ def queue_spot(run_id: int) -> QueueSpot | None:
 
 def server_wait_reason(server_id: int) -> str | None:
     return _plan.servers.get(server_id)
+
+
+def queue_usage() -> quotas.QueueUsage:
+    """The cap and each user's GPUs in use and GPU-hours, as of the last pass (the queue view's)."""
+    return _plan.usage
 
 
 # --------------------------------------------------------------------------- one pass
@@ -249,12 +257,20 @@ def _place_runs(session: Session, rooms: dict[str, Room], model_names: dict[str,
     queued = session.exec(
         select(*RUN_COLUMNS).where(Run.status == RunStatus.queued, col(Run.dispatch_id).is_(None))
     ).all()
-    queued = sorted(queued, key=lambda r: (RunPriority(r.priority).rank, as_utc(r.queued_at), r.id))
+    holding = session.exec(select(*RUN_COLUMNS).where(
+        col(Run.status).in_(HOLDING_RUN_STATUSES), or_(Run.status != RunStatus.queued, col(Run.dispatch_id).is_not(None))
+    )).all()
+    share = quotas.FairShare(session, holding)
+    # Within a priority, the user with fewer GPU-hours in the last 24 h first.
+    queued = sorted(queued, key=lambda r: (RunPriority(r.priority).rank, share.order(r), as_utc(r.queued_at), r.id))
     spots: dict[int, QueueSpot] = {}
     # Runs of one model and size wait for the same reason: work it out once a pass.
     reasons: dict[tuple[str, int], str] = {}
     choices: list[run_service.Dispatch] = []
     for run in queued:
+        if (over_quota := share.over_quota(run)) is not None:
+            spots[run.id] = QueueSpot(len(spots) + 1, over_quota)
+            continue
         model_path = run_model_path(run)
         gpus = run.gpus_requested
         room = None
@@ -267,7 +283,9 @@ def _place_runs(session: Session, rooms: dict[str, Room], model_names: dict[str,
             spots[run.id] = QueueSpot(len(spots) + 1, reasons[model_path, gpus])
             continue
         choices.append(run_service.Dispatch(run.id, run.attempt, room.name, room.take_training(run.gpus_requested, f"run {run.id}")))
+        share.hold(run)
     _plan.runs = spots
+    _plan.usage = quotas.QueueUsage(share.cap, share.table(queued))
     return run_service.dispatch_runs(session, choices) if choices else 0
 
 
