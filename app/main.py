@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from sqlmodel import Session
@@ -16,21 +16,27 @@ from sqlmodel import Session
 from app.auth import require_user, require_worker
 from app.db import get_engine, migrate
 from app.demo import install_demo
-from app.routes import (artifacts, auth, configs, datasets, deployments, evaluations, gateway, health, home, models, runs,
-                        workers)
+from app.errors import DomainError
+from app.routes import (admin, artifacts, auth, configs, datasets, deployments, evaluations, gateway, health, home, models,
+                        notifications, quotas, runs, workers)
 from app.security import warn_if_login_needs_https
+from app.services import rate_limits, webhooks
+from app.web.audit import AuditMiddleware
 from app.services.scheduler import run_scheduler
 from app.settings import STATIC_DIR, get_settings
+from app.templating import is_htmx, render
 
 # Each area module has `router` (pages) and `api_router` (/api/v1), both behind login, and
 # may have `internal_router` (/internal/v1, the worker channel, behind the worker token).
-AREAS = (datasets, configs, models, runs, evaluations, artifacts, deployments, workers, auth)
+AREAS = (datasets, configs, models, quotas, runs, evaluations, artifacts, deployments, workers, notifications, auth,
+         admin)
 
 
 class ApiError(BaseModel):
     """Every refusal of /api/v1: `detail` says why (a list of field errors for a 422)."""
 
     detail: str | list[Any]
+    field: str | None = None  # the form field at fault, when one is
     errors: list[dict[str, Any]] | None = None  # field → message, for a refused config
 
 
@@ -68,7 +74,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     if get_settings().demo:
         with Session(get_engine()) as session:
             install_demo(session)
-    async with run_scheduler():
+    async with run_scheduler(), webhooks.delivering(), rate_limits.flushing():
         yield
 
 
@@ -86,6 +92,25 @@ async def _number_out_of_range(_request: Request, _error: Exception) -> JSONResp
     return JSONResponse({"detail": "a number in the request is out of range (at most 2^63 - 1)"}, status_code=422)
 
 
+_TITLES = {403: "Not allowed", 404: "Not found", 409: "Not now", 413: "Too large", 503: "Unavailable"}
+
+
+async def _domain_error(request: Request, error: Exception) -> Response:
+    """The one place a service's refusal becomes an HTTP answer: JSON for the API and the worker
+    channel, a message in the page's flash region for htmx, an error page for a browser."""
+    assert isinstance(error, DomainError)
+    path = request.url.path
+    if path.startswith(("/api/", "/internal/")) or not request.headers.get("accept", "").startswith("text/html") \
+            and not is_htmx(request):
+        body = ApiError(detail=error.detail, field=error.field).model_dump(exclude_none=True)
+        return JSONResponse({**body, **error.extra}, status_code=error.status_code)
+    context = {"title": _TITLES.get(error.status_code, "Refused"), "detail": error.detail}
+    if is_htmx(request):  # app.js swaps a refusal only where HX-Retarget points
+        return render(request, "error.html", context, block="message", status_code=error.status_code,
+                      headers={"HX-Retarget": "#flash", "HX-Reswap": "innerHTML"})
+    return render(request, "error.html", context, status_code=error.status_code)
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(
@@ -99,6 +124,8 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_middleware(AuditMiddleware)  # an audit entry for every state-changing request
     app.add_exception_handler(OverflowError, _number_out_of_range)
     app.add_exception_handler(UnicodeEncodeError, _not_text)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -12,12 +12,14 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import Request, Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
+from app.errors import Forbidden
 from app.settings import Environment, Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -160,8 +162,8 @@ def safe_next_url(target: str | None) -> str:
 # --------------------------------------------------------- path confinement
 
 
-class PathNotAllowed(ValueError):
-    """A user-supplied path that resolves outside every allowed root."""
+class PathNotAllowed(Forbidden):
+    """A user-supplied path that resolves outside every allowed root (or, asked to exist, does not)."""
 
 
 def confine(path: str | Path, roots: Iterable[str | Path], *, must_exist: bool = False) -> Path:
@@ -197,6 +199,14 @@ def safe_filename(name: str, *, max_length: int = 200) -> str:
     base = _UNSAFE_FILENAME_CHARS.sub("", base)
     base = " ".join(base.split()).lstrip(".")
     return base[:max_length] or "file"
+
+
+def attachment_disposition(name: str, default: str) -> str:
+    """Content-Disposition for a download under a user's file name: made safe for display, with an
+    ASCII fallback beside its UTF-8 form (RFC 6266), since header values are Latin-1."""
+    shown = safe_filename(name or default)
+    fallback = re.sub(r"[^A-Za-z0-9_. -]+", "_", shown).strip(". ") or default
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(shown)}"
 
 
 # ----------------------------------------- LLaMA-Factory arguments the panel owns

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     # The bearer token Prometheus scrapes /metrics with; unset: /metrics is off.
     metrics_token: str | None = None
 
+    # A webhook delivery refused or unanswered is tried again after this, doubling each time
+    # (app/services/webhooks.py; a bounded number of attempts).
+    webhook_retry_base_s: float = Field(default=10.0, gt=0)
+
     heartbeat_interval_s: float = 5.0
     heartbeat_timeout_s: float = 30.0
     # Grace between SIGABRT (LLaMA-Factory saves and stops) and SIGTERM/SIGKILL.

@@ -263,6 +263,11 @@ class ProbeMeasurement(BaseModel):
     fb_s: float | None = None  # forward + backward of one micro-batch
     opt_s: float | None = None  # clip + optimizer step + zero_grad
     steps: int | None = None
+    # The trainer's own loop at this size (the one the probe expects to be chosen): seconds per
+    # optimizer step of loop_accumulation micro-batches, over loop_steps steps.
+    loop_step_s: float | None = None
+    loop_accumulation: int | None = None
+    loop_steps: int | None = None
     error: str | None = Field(default=None, max_length=2000)
 
 
@@ -340,6 +345,14 @@ class MetricPoint(SQLModel):
     gpu_util: float | None = None
     gpu_mem_mib: float | None = None
     elapsed_s: float | None = None
+    # Preference stages (DPO, KTO): LLaMA-Factory's rewards/chosen, rewards/rejected,
+    # rewards/accuracies (DPO only) and rewards/margins of the train steps.
+    rewards_chosen: float | None = None
+    rewards_rejected: float | None = None
+    rewards_accuracies: float | None = None
+    rewards_margins: float | None = None
+    # Held-out pairs the model ranks right: RM's eval_accuracy, DPO's eval_rewards/accuracies.
+    eval_accuracy: float | None = None
 
 
 METRIC_FIELDS = tuple(name for name in MetricPoint.model_fields if name != "step")

@@ -33,31 +33,12 @@ from tests.test_deploy_serving import CHINESE_MESSAGES, Panel  # noqa: E402  (th
 
 def build_adapter(work: Path) -> tuple[Path, Path]:
     """The tiny model and a LoRA adapter trained on it, with the environments' own tools."""
-    import os
-    import subprocess
-
-    import yaml
-
     from app.demo import build_demo_model
-    from app.settings import get_settings
+    from tests.factories import train_tiny_adapter
 
-    settings = get_settings()
     model = work / "tiny-model"
     build_demo_model(model)
-    rows = [{"instruction": f"你是谁？({i})", "input": "", "output": "我是Tuneboard演示助手。"} for i in range(16)]
-    (work / "data.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    (work / "dataset_info.json").write_text(json.dumps({"tiny": {"file_name": "data.json"}}))
-    output = work / "adapter"
-    args = {
-        "model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
-        "lora_target": "all", "lora_rank": 8, "dataset": "tiny", "dataset_dir": str(work), "template": "qwen",
-        "cutoff_len": 64, "output_dir": str(output), "per_device_train_batch_size": 4, "num_train_epochs": 1,
-        "report_to": "none", "overwrite_output_dir": True,
-    }
-    (work / "train.yaml").write_text(yaml.safe_dump(args))
-    subprocess.run([settings.llamafactory_cli, "train", str(work / "train.yaml")], cwd=work, check=True,
-                   capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return model, output
+    return model, train_tiny_adapter(model, work)
 
 
 async def one_request(client: httpx.AsyncClient, url: str, headers: dict, body: dict) -> tuple[float, float, int]:

@@ -23,7 +23,7 @@ from sqlalchemy import func, insert  # noqa: E402
 from sqlmodel import Session, select  # noqa: E402
 
 from app.db import get_engine  # noqa: E402
-from app.models import ModelEntry, Run, RunEvent, RunLogLine, RunMetric, TrainConfig  # noqa: E402
+from app.models import ModelEntry, Run, RunEvent, RunMetric, TrainConfig  # noqa: E402
 from app.models.artifact import RunArtifact  # noqa: E402
 from app.models.base import utcnow  # noqa: E402
 from app.services import configs as config_service  # noqa: E402
@@ -85,16 +85,13 @@ def seed(models_dir: Path, run_count: int, config_count: int) -> dict[str, int]:
                 for step in range(1, METRIC_POINTS + 1)
             ])
             lines = [f"[INFO|trainer.py:{n}] step {n} of run {run_id}: {'x' * 60}" for n in range(LOG_LINES)]
-            session.execute(insert(RunLogLine), [
-                {"run_id": run_id, "attempt": 1, "source": "stdout", "offset": 100 * n, "line": line}
-                for n, line in enumerate(lines)
-            ])
             events = [{"run_id": run_id, "kind": "status", "data": {"status": "queued", "attempt": 1},
                        "created_at": utcnow()}]
             events += [{"run_id": run_id, "kind": "metric", "data": {"step": step, "loss": 1.0},
                         "created_at": utcnow()} for step in range(1, METRIC_POINTS + 1)]
-            events += [{"run_id": run_id, "kind": "log", "data": {"attempt": 1, "source": "stdout", "line": line},
-                        "created_at": utcnow()} for line in lines]
+            events += [{"run_id": run_id, "kind": "log", "log_key": RunEvent.log_key_of(1, "stdout", 100 * n),
+                        "data": {"attempt": 1, "source": "stdout", "offset": 100 * n, "line": line},
+                        "created_at": utcnow()} for n, line in enumerate(lines)]
             session.execute(insert(RunEvent), events)
             if statuses[(run_id - 1) % 10] == "succeeded":  # what the deploy form lists
                 session.execute(insert(RunArtifact), [

@@ -43,3 +43,10 @@ document.addEventListener("click", (event) => {
 const FIRST_REFUSED = "[aria-invalid='true'], [data-autofocus]";
 document.addEventListener("DOMContentLoaded", () => document.querySelector(`main :is(${FIRST_REFUSED})`)?.focus());
 document.addEventListener("htmx:afterSettle", (event) => event.detail.elt?.querySelector?.(FIRST_REFUSED)?.focus());
+
+// A refusal answered to htmx names where it goes (HX-Retarget, the page's flash region): show it
+// there; htmx would otherwise drop every 4xx/5xx body.
+document.addEventListener("htmx:beforeSwap", (event) => {
+  const xhr = event.detail.xhr;
+  if (xhr.status >= 400 && xhr.getResponseHeader("HX-Retarget")) { event.detail.shouldSwap = true; event.detail.isError = false; }
+});

@@ -13,6 +13,7 @@ from sqlmodel import Session
 
 from app.db import get_engine
 from app.main import create_app
+from app.models.user import UserRole
 from app.services.users import create_user
 from app.settings import get_settings
 
@@ -75,7 +76,7 @@ def client(data_dir: Path) -> Iterator[TestClient]:
     """Logged in as an admin, sending the CSRF header by default (like base.html's htmx)."""
     with TestClient(create_app()) as test_client:
         with Session(get_engine()) as db_session:
-            create_user(db_session, ADMIN_USERNAME, ADMIN_PASSWORD, is_admin=True)
+            create_user(db_session, ADMIN_USERNAME, ADMIN_PASSWORD, role=UserRole.admin)
         log_in(test_client, ADMIN_USERNAME, ADMIN_PASSWORD)
         yield test_client
 
@@ -100,28 +101,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real LoRA adapter: `llamafactory-cli train` on the tiny model, once per test session
     (16 rows, 1 epoch, ~10 s). The folder holds the final adapter and checkpoint-2/checkpoint-4."""
-    import json
-    import os
-    import subprocess
+    from tests.factories import train_tiny_adapter
 
-    import yaml
-
-    work = tmp_path_factory.mktemp("trained_adapter")
-    rows = [{"instruction": f"你是谁？({i})", "input": "", "output": "我是Tuneboard演示助手。"} for i in range(16)]
-    (work / "data.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    (work / "dataset_info.json").write_text(json.dumps({"tiny": {"file_name": "data.json"}}))
-    output = work / "output"
-    args = {
-        "model_name_or_path": str(tiny_model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
-        "lora_target": "all", "lora_rank": 8, "dataset": "tiny", "dataset_dir": str(work), "template": "qwen",
-        "cutoff_len": 64, "output_dir": str(output), "per_device_train_batch_size": 4, "num_train_epochs": 1,
-        "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 2, "report_to": "none",
-        "overwrite_output_dir": True,
-    }
-    (work / "train.yaml").write_text(yaml.safe_dump(args))
-    result = subprocess.run(
-        [get_settings().llamafactory_cli, "train", str(work / "train.yaml")], cwd=work, capture_output=True,
-        text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return output
+    return train_tiny_adapter(tiny_model, tmp_path_factory.mktemp("trained_adapter"))

@@ -146,3 +146,31 @@ def run_config_factory(
     session.commit()
     session.refresh(config)
     return config
+
+
+def train_tiny_adapter(model: Path, work: Path) -> Path:
+    """A real LoRA adapter: `llamafactory-cli train` on the tiny model (16 rows, 1 epoch, ~10 s);
+    the returned folder holds the final adapter and checkpoint-2/checkpoint-4."""
+    import os
+    import subprocess
+
+    import yaml
+
+    rows = [{"instruction": f"你是谁？({i})", "input": "", "output": "我是Tuneboard演示助手。"} for i in range(16)]
+    (work / "data.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    (work / "dataset_info.json").write_text(json.dumps({"tiny": {"file_name": "data.json"}}))
+    output = work / "output"
+    args = {
+        "model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "lora_target": "all", "lora_rank": 8, "dataset": "tiny", "dataset_dir": str(work), "template": "qwen",
+        "cutoff_len": 64, "output_dir": str(output), "per_device_train_batch_size": 4, "num_train_epochs": 1,
+        "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 2, "report_to": "none",
+        "overwrite_output_dir": True,
+    }
+    (work / "train.yaml").write_text(yaml.safe_dump(args))
+    result = subprocess.run(
+        [get_settings().llamafactory_cli, "train", str(work / "train.yaml")], cwd=work, capture_output=True,
+        text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output

@@ -32,6 +32,7 @@ import redis
 from sqlmodel import Session
 
 from app.db import get_engine, migrate
+from app.models.user import UserRole
 from app.services.users import create_token, create_user
 from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, PROJECT_ROOT, log_in
 from workers.serving import free_port  # noqa: F401  (one free-port helper, shared by the tests)
@@ -46,6 +47,34 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-quic", "--no-first-run", "--disable-sync",
 ]
+
+
+@contextmanager
+def chromium_page(*, init_script: str | None = None, **context_options: Any) -> Iterator[Any]:
+    """A page of a fresh headless Chromium (Playwright's `Page`; the browser closes after), its
+    context made with `context_options` (viewport, locale, ...) and `init_script` run in every
+    document it loads."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `make browser` installs Debian's Chromium"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(**{"viewport": {"width": 1280, "height": 900}, **context_options})
+            if init_script:
+                context.add_init_script(init_script)
+            yield context.new_page()
+        finally:
+            browser.close()
+
+
+def log_in_page(page: Any, url: str, username: str, password: str) -> None:
+    """Log in through the panel's login form."""
+    page.goto(f"{url}/login")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
+    page.locator("form button[type=submit], form button:not([type])").first.click()
+    page.wait_for_load_state()
 
 
 @contextmanager
@@ -131,6 +160,17 @@ class LivePanel:
                               capture_output=True, text=True, timeout=timeout_s, check=False)
 
 
+def start_run(api: httpx.Client, config_id: int) -> int:
+    """Start a run of the config through the API; its id."""
+    response = api.post("/api/v1/runs", json={"config_id": config_id})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def run_of(api: httpx.Client, run_id: int) -> dict[str, Any]:
+    return api.get(f"/api/v1/runs/{run_id}").raise_for_status().json()
+
+
 def worker_command(name: str, concurrency: int = 4) -> list[str]:
     """A Celery worker as `tuneboard worker` starts it: the default queue plus its own."""
     return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "default",
@@ -161,7 +201,7 @@ def _admin_token() -> str:
         from app.services.users import get_user_by_name
 
         user = get_user_by_name(session, ADMIN_USERNAME) or create_user(
-            session, ADMIN_USERNAME, ADMIN_PASSWORD, is_admin=True
+            session, ADMIN_USERNAME, ADMIN_PASSWORD, role=UserRole.admin
         )
         _token, raw = create_token(session, user, "live-panel")
         return raw

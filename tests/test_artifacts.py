@@ -285,19 +285,26 @@ def test_an_unfinished_checkpoint_is_not_uploaded(panel: LivePanel, db: Session,
     assert service.blob_size(sha256_of(b"still being written")) is None
 
 
+def upload_cut_halfway(panel: LivePanel, run: Run, folder: Path, name: str, step: int, size: int):
+    """Upload `folder` through a relay that cuts the connection once, `size // 2` bytes in; the
+    relay (its counts) and the manifest the upload ended with."""
+    relay = CuttingRelay(int(panel.url.rsplit(":", 1)[1]), cut_up_after=size // 2)
+    cut_reporter = reporter_to(relay.url)
+    try:
+        manifest = upload_folder(cut_reporter, run.id, run.attempt, "w1", folder, name, step)
+    finally:
+        cut_reporter.close()
+        relay.close()
+    return relay, manifest
+
+
 def test_an_upload_cut_mid_blob_resumes_and_sends_only_the_rest(
     panel: LivePanel, db: Session, reporter: Reporter, tmp_path: Path,
 ) -> None:
     run = make_run(db)
     size = 8 * MiB
     folder = write_files(tmp_path / "checkpoint-8", {"weights.bin": os.urandom(size), "trainer_state.json": b"{}"})
-    relay = CuttingRelay(int(panel.url.rsplit(":", 1)[1]), cut_up_after=size // 2)
-    cut_reporter = reporter_to(relay.url)
-    try:
-        manifest = upload_folder(cut_reporter, run.id, run.attempt, "w1", folder, "checkpoint-8", 8)
-    finally:
-        cut_reporter.close()
-        relay.close()
+    relay, manifest = upload_cut_halfway(panel, run, folder, "checkpoint-8", 8, size)
 
     assert relay.cuts == 1
     # Starting over would send size/2 + size; a resume sends the rest of what the panel kept
@@ -427,13 +434,7 @@ def test_a_big_file_is_hashed_while_sent_and_a_cut_upload_sends_only_the_rest(
 
     monkeypatch.setattr(worker_artifacts, "_file_sha256", spied_sha256)
     monkeypatch.setattr(worker_artifacts, "_file_bytes", spied_bytes)
-    relay = CuttingRelay(int(panel.url.rsplit(":", 1)[1]), cut_up_after=size // 2)
-    cut_reporter = reporter_to(relay.url)
-    try:
-        manifest = upload_folder(cut_reporter, run.id, run.attempt, "w1", folder, "checkpoint-12", 12)
-    finally:
-        cut_reporter.close()
-        relay.close()
+    relay, manifest = upload_cut_halfway(panel, run, folder, "checkpoint-12", 12, size)
 
     assert relay.cuts == 1
     assert size < relay.total["up"] < size + size // 4

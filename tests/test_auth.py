@@ -12,7 +12,7 @@ from starlette.routing import Mount
 
 from app.db import get_engine
 from app.main import create_app
-from app.models.user import ApiToken, User
+from app.models.user import ApiToken, User, UserRole
 from app.security import hash_api_token
 from app.services.users import create_user
 from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, log_in, page_csrf_token
@@ -75,7 +75,7 @@ def test_setup_page_creates_the_first_admin_once(anon_client: TestClient) -> Non
 @pytest.fixture
 def admin(anon_client: TestClient) -> User:
     with Session(get_engine()) as session:
-        return create_user(session, ADMIN_USERNAME, ADMIN_PASSWORD, is_admin=True)
+        return create_user(session, ADMIN_USERNAME, ADMIN_PASSWORD, role=UserRole.admin)
 
 
 def test_login_and_logout(anon_client: TestClient, admin: User) -> None:

@@ -25,7 +25,7 @@ from app.db import get_engine
 from app.models import RunEvent, RunMetric
 from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, PROJECT_ROOT, log_in
 from tests.factories import run_config_factory
-from tests.live import _admin_token, worker_command
+from tests.live import _admin_token, run_of, start_run, worker_command
 from tests.netns import Cluster, Host, netns_cluster, wait_for_port
 
 pytestmark = pytest.mark.slow
@@ -73,12 +73,10 @@ class ClusterPanel:
         return any(w["id"] == name and w["online"] for w in workers)
 
     def start(self, config_id: int) -> int:
-        response = self.api.post("/api/v1/runs", json={"config_id": config_id})
-        assert response.status_code == 201, response.text
-        return response.json()["id"]
+        return start_run(self.api, config_id)
 
     def run(self, run_id: int) -> dict[str, Any]:
-        return self.api.get(f"/api/v1/runs/{run_id}").raise_for_status().json()
+        return run_of(self.api, run_id)
 
     def wait(self, run_id: int, statuses: set[str], timeout_s: float = WAIT_S) -> dict[str, Any]:
         return wait_for(lambda: (run := self.run(run_id))["status"] in statuses and run,

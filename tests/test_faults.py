@@ -24,7 +24,7 @@ import pytest
 from sqlmodel import Session, select
 
 from app.db import get_engine
-from app.models import RunEvent, RunLogLine, RunMetric, TrainConfig
+from app.models import RunEvent, RunMetric, TrainConfig
 from app.services.workers import worker_views
 from app.settings import Settings
 from tests.factories import run_config_factory
@@ -87,10 +87,11 @@ def assert_metrics_complete(run_id: int, run: dict[str, Any], run_folder: Path) 
     every log line stored once."""
     with Session(get_engine()) as session:
         rows = session.exec(select(RunMetric).where(RunMetric.run_id == run_id).order_by(RunMetric.step)).all()
-        logs = session.exec(select(RunLogLine).where(RunLogLine.run_id == run_id)).all()
+        logs = [event.data for event in session.exec(
+            select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.kind == "log"))]
     trained = [row.step for row in rows if row.loss is not None]
     assert trained == list(range(1, run["total_steps"] + 1)) == steps_in_trainer_log(run_folder)
-    keys = [(line.attempt, line.source, line.offset) for line in logs]
+    keys = [(line["attempt"], line["source"], line["offset"]) for line in logs]
     assert logs and len(keys) == len(set(keys))
 
 

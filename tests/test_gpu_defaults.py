@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 
-from app.services.llamafactory_params import GPU_DEFAULTS, default_params
+import yaml
+
 from app.settings import get_settings
+from tests.test_configs import form_fields, registered  # noqa: F401  (the fixture)
 
 H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total_mib": 81559.0,
         "memory_used_mib": 0.0, "utilization": 0.0}
@@ -18,20 +20,45 @@ def _checked(page: str, field: str) -> bool:
     return "checked" in tag.group(0)
 
 
-def test_gpu_defaults_add_to_the_well_known_config() -> None:
-    assert "packing" not in default_params() and "enable_liger_kernel" not in default_params()
-    assert default_params(1) == {**default_params(), **GPU_DEFAULTS}
-    assert default_params(1)["per_device_train_batch_size"] * default_params(1)["gradient_accumulation_steps"] == 12
+def _gpu_worker_online(client) -> None:
+    beat = client.post("/internal/v1/workers/heartbeat",
+                       json={"worker_id": "gpu@box", "hostname": "box", "queues": ["train"], "gpus": [H100]},
+                       headers={"Authorization": f"Bearer {get_settings().worker_token}"})
+    assert beat.status_code == 200, beat.text
+
+
+def _saved_from_the_untouched_form(client, registered, name: str) -> dict:  # noqa: F811
+    """The YAML `llamafactory-cli train` reads for a config saved from /configs/new as it comes."""
+    fields = {**form_fields(client), "name": name, "model_id": str(registered["model"]["id"]),
+              "dataset_ids": [str(registered["dataset_id"])]}
+    saved = client.post("/configs/new", data=fields, follow_redirects=False)
+    assert saved.status_code == 303, saved.text
+    config_id = saved.headers["location"].rsplit("/", 1)[-1]
+    return yaml.safe_load(client.get(f"/api/v1/configs/{config_id}/yaml").text)
+
+
+def test_a_config_made_for_a_gpu_trains_packed_with_liger_and_12_sequences_per_step(client, registered) -> None:  # noqa: F811
+    cpu = _saved_from_the_untouched_form(client, registered, "on the cpu")
+    assert not cpu.get("packing") and not cpu.get("enable_liger_kernel")
+    assert not cpu.get("disable_gradient_checkpointing")
+
+    _gpu_worker_online(client)
+    gpu = _saved_from_the_untouched_form(client, registered, "on a gpu")
+    assert gpu["packing"] is True and gpu["enable_liger_kernel"] is True
+    assert gpu["disable_gradient_checkpointing"] is True
+    assert (gpu["per_device_train_batch_size"], gpu["gradient_accumulation_steps"]) == (4, 3)
+    # The rest is the well-known config the CPU one starts from.
+    differing = {key for key in cpu.keys() | gpu.keys() if cpu.get(key) != gpu.get(key)}
+    assert differing <= {"packing", "enable_liger_kernel", "disable_gradient_checkpointing", "bf16",
+                         "per_device_train_batch_size", "gradient_accumulation_steps",
+                         "preprocessing_num_workers", "dataloader_num_workers"}
 
 
 def test_new_form_starts_from_gpu_defaults_when_a_gpu_worker_is_online(client) -> None:
     cpu_page = client.get("/configs/new").text
     assert not _checked(cpu_page, "packing") and _checked(cpu_page, "gradient_checkpointing")
 
-    beat = client.post("/internal/v1/workers/heartbeat",
-                       json={"worker_id": "gpu@box", "hostname": "box", "queues": ["train"], "gpus": [H100]},
-                       headers={"Authorization": f"Bearer {get_settings().worker_token}"})
-    assert beat.status_code == 200, beat.text
+    _gpu_worker_online(client)
     page = client.get("/configs/new").text
     assert _checked(page, "packing") and _checked(page, "enable_liger_kernel")
     assert not _checked(page, "gradient_checkpointing")

@@ -17,6 +17,7 @@ from sqlmodel import Session, select
 from app.db import get_engine
 from app.main import create_app
 from app.models import ModelEntry, TrainConfig
+from app.models.user import UserRole
 from app.services.users import create_user
 from app.settings import get_settings
 from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, log_in, page_csrf_token
@@ -139,8 +140,10 @@ def test_rows_with_nothing_to_train_on(client, session, data_dir) -> None:
      ("row 1", "'label'", "KTO")),
 ])
 def test_preference_files_are_named_and_refused_as_sft(client, session, data_dir, rows, words) -> None:
+    """Asked to register preference or KTO rows as SFT, the upload says what they are (left to
+    detect, they are registered with their kind: tests/test_dataset_kinds.py)."""
     for formatting in ("auto", "sharegpt" if "instruction" not in rows[0] else "alpaca"):
-        refused(upload(client, json.dumps(rows * 3).encode(), formatting=formatting), 400, *words)
+        refused(upload(client, json.dumps(rows * 3).encode(), formatting=formatting, kind="sft"), 400, *words)
     assert_nothing_stored(session, data_dir)
 
 
@@ -393,7 +396,7 @@ def prod(data_dir, monkeypatch):
 
 def _admin() -> None:
     with Session(get_engine()) as session:
-        create_user(session, ADMIN_USERNAME, ADMIN_PASSWORD, is_admin=True)
+        create_user(session, ADMIN_USERNAME, ADMIN_PASSWORD, role=UserRole.admin)
 
 
 def test_prod_over_plain_http_says_why_logging_in_does_not_stick(prod, caplog) -> None:

@@ -131,7 +131,7 @@ def test_the_adapter_is_picked_from_what_the_run_stored(client, deployable) -> N
     assert run_picker  # the whole width of the form
     assert f">{second.name} — #{second.id}, cancelled</option>" in page  # the whole name
     # Choosing another run asks for its adapters only.
-    fragment = client.get(f"/deployments?block=adapter_picker&run_id={second.id}").text
+    fragment = client.get(f"/deployments/adapters?run_id={second.id}").text
     assert fragment.lstrip().startswith('<div id="deploy-adapter">')
     assert re.findall(r'<option value="([^"]*)"', fragment) == ["checkpoint-5"]  # cancelled: no final adapter
 

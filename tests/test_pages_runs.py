@@ -10,24 +10,10 @@ import re
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
-from sqlmodel import Session
 
-from app.models import TrainConfig
 from app.services import runs as service
-from app.settings import get_settings
-from tests.factories import run_config_factory, store_folder
-from tests.test_runs import claim, finish, report, start
-
-
-@pytest.fixture
-def worker_headers(client: TestClient) -> dict[str, str]:
-    return {"Authorization": f"Bearer {get_settings().worker_token}"}
-
-
-@pytest.fixture
-def config(session: Session) -> TrainConfig:
-    return run_config_factory(session)
+from tests.factories import store_folder
+from tests.test_runs import claim, config, finish, report, start, worker_headers  # noqa: F401  (fixtures)
 
 
 def poll_url(html: str) -> str | None:
@@ -150,17 +136,17 @@ def test_the_header_fragment_names_the_worker_and_the_artifacts_say_what_is_stor
     client, session, config, worker_headers,
 ) -> None:
     run_id = start(client, config.id)["id"]
-    queued = client.get(f"/runs/{run_id}", headers={"HX-Request": "true", "HX-Target": "run-header"}).text
+    queued = client.get(f"/runs/{run_id}/header", headers={"HX-Request": "true"}).text
     assert queued.lstrip().startswith('<div id="run-header"') and " on " not in text_of(queued, "run-worker")
     claim(client, worker_headers, run_id, worker_id="w1")
-    header = client.get(f"/runs/{run_id}", headers={"HX-Request": "true", "HX-Target": "run-header"}).text
+    header = client.get(f"/runs/{run_id}/header", headers={"HX-Request": "true"}).text
     assert text_of(header, "run-worker") == "CPU on w1"
 
     folder = service.run_dir(run_id) / "output" / "checkpoint-2"
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text("{}")
     store_folder(session, run_id, 1, folder, "checkpoint-2", 2)
-    artifacts = client.get(f"/runs/{run_id}", headers={"HX-Request": "true", "HX-Target": "run-artifacts"}).text
+    artifacts = client.get(f"/runs/{run_id}/artifacts", headers={"HX-Request": "true"}).text
     assert artifacts.lstrip().startswith('<section id="run-artifacts"')
     assert 'id="run-checkpoints" data-latest="2"' in artifacts and "checkpoint-2" in artifacts
     data = page_data(client.get(f"/runs/{run_id}").text)

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, func, select
 
 from app.db import get_engine
-from app.models import Run, RunEvent, RunLogLine, RunMetric, TrainConfig, Worker
+from app.models import Run, RunEvent, RunMetric, TrainConfig, Worker
 from app.models.base import utcnow
 from app.services import runs as service
 from app.settings import get_settings
@@ -73,11 +73,11 @@ def finish(client, headers, run_id, attempt=1, outcome="succeeded", **body):
 
 
 def counts(session: Session, run_id: int) -> tuple[int, int, int]:
+    """The run's events (log lines included), metric points and log lines."""
     session.expire_all()
-    return tuple(
-        session.exec(select(func.count()).select_from(model).where(model.run_id == run_id)).one()
-        for model in (RunEvent, RunMetric, RunLogLine)
-    )
+    count = lambda model, *where: session.exec(  # noqa: E731
+        select(func.count()).select_from(model).where(model.run_id == run_id, *where)).one()
+    return count(RunEvent), count(RunMetric), count(RunEvent, RunEvent.kind == "log")
 
 
 def run_row(session: Session, run_id: int) -> Run:
@@ -338,6 +338,31 @@ def test_the_event_stream_replays_from_a_cursor(client, session, config, worker_
     resumed = sse_events(client, f"/runs/{run_id}/events?after={ids[0]}", **{"Last-Event-ID": str(ids[5])})
     assert [int(e["id"]) for e in resumed[:-1]] == ids[6:]
     assert client.get("/runs/999/events").status_code == 404
+
+
+def test_each_log_line_is_stored_once_and_a_metric_streams_as_merged(client, session, config, worker_headers) -> None:
+    """One record per log line: the stream, the log API and the download read the same events;
+    a metric event sends the step's point as it stands (train and eval lines merged)."""
+    run_id = start(client, config.id)["id"]
+    claim(client, worker_headers, run_id)
+    batch = {"status": "running", "metrics": [{"step": 1, "loss": 2.0}],
+             "logs": [{"source": "stdout", "offset": 0, "line": "hello"}]}
+    report(client, worker_headers, run_id, **batch)
+    report(client, worker_headers, run_id, **batch)  # re-sent: nothing new
+    report(client, worker_headers, run_id, metrics=[{"step": 1, "eval_loss": 1.5}],
+           logs=[{"source": "stdout", "offset": 6, "line": "world"}])
+    finish(client, worker_headers, run_id)
+    events = sse_events(client, f"/api/v1/runs/{run_id}/events")
+    logs = [(int(e["id"]), json.loads(e["data"])) for e in events if e["event"] == "log"]
+    assert [data["line"] for _, data in logs] == ["hello", "world"]
+    metrics = [json.loads(e["data"]) for e in events if e["event"] == "metric"]
+    assert len(metrics) == 2 and all((m["step"], m["loss"], m["eval_loss"]) == (1, 2.0, 1.5) for m in metrics)
+    assert client.get(f"/api/v1/runs/{run_id}/logs").json() == [
+        {"id": event_id, "run_id": run_id, "attempt": 1, "source": "stdout", "offset": offset, "line": line}
+        for (event_id, _), offset, line in zip(logs, (0, 6), ("hello", "world"), strict=True)
+    ]
+    assert client.get(f"/api/v1/runs/{run_id}/logs?after_id={logs[0][0]}").json()[0]["line"] == "world"
+    assert client.get(f"/runs/{run_id}/log.txt").text == "hello\nworld\n"
 
 
 def test_the_dashboard_embeds_the_points_up_to_its_cursor(client, session, config, worker_headers) -> None:

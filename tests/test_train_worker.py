@@ -24,7 +24,7 @@ from app.db import get_engine
 from app.models import Run, RunMetric
 from app.settings import Settings
 from tests.factories import run_config_factory
-from tests.live import LivePanel, live_panel  # noqa: F401  (the fixture)
+from tests.live import LivePanel, live_panel, run_of, start_run  # noqa: F401  (the fixture)
 from app.wire import TRAIN_TASK, CheckpointReport, worker_queue
 from workers.celery_app import make_celery
 from workers.training import list_checkpoints, render_train_yaml
@@ -71,12 +71,10 @@ class Panel:
         return run_config_factory(self.session, str(self.tiny_model), rows=40, params={**TINY, **params}).id
 
     def start(self, config_id: int) -> int:
-        response = self.api.post("/api/v1/runs", json={"config_id": config_id})
-        assert response.status_code == 201, response.text
-        return response.json()["id"]
+        return start_run(self.api, config_id)
 
     def run(self, run_id: int) -> dict[str, Any]:
-        return self.api.get(f"/api/v1/runs/{run_id}").raise_for_status().json()
+        return run_of(self.api, run_id)
 
     def wait(self, run_id: int, statuses: set[str], timeout_s: float = TRAINING_TIMEOUT_S) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s

@@ -11,11 +11,7 @@ from sqlmodel import Field, SQLModel
 from app.models.base import created_at_field
 
 
-class RunArtifact(SQLModel, table=True):
-    __tablename__ = "run_artifact"
-    __table_args__ = (UniqueConstraint("run_id", "name"),)
-
-    id: int | None = Field(default=None, primary_key=True)
+class RunArtifactBase(SQLModel):
     run_id: int = Field(foreign_key="run.id", ondelete="CASCADE")
     name: str = Field(max_length=200)  # "checkpoint-N" or "adapter"
     step: int | None = None
@@ -25,6 +21,17 @@ class RunArtifact(SQLModel, table=True):
     digest: str = Field(max_length=64)
     size: int
     created_at: datetime = created_at_field()
+
+
+class RunArtifact(RunArtifactBase, table=True):
+    __tablename__ = "run_artifact"
+    __table_args__ = (UniqueConstraint("run_id", "name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+
+
+class RunArtifactPublic(RunArtifactBase):
+    id: int
 
 
 class ArtifactFile(SQLModel, table=True):
@@ -37,14 +44,3 @@ class ArtifactFile(SQLModel, table=True):
     # The blob's key in the store; indexed for the garbage collector's "still referenced?".
     sha256: str = Field(max_length=64, index=True)
     size: int
-
-
-class RunArtifactPublic(SQLModel):
-    id: int
-    run_id: int
-    name: str
-    step: int | None
-    attempt: int
-    digest: str
-    size: int
-    created_at: datetime

@@ -10,6 +10,13 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field
 
 
+def row_id(text: object) -> int | None:
+    """The id a path segment names, or None: ASCII digits only ("²".isdigit() is true too), within
+    SQLite's 64-bit integers (a larger one names no row)."""
+    digits = str(text)
+    return int(digits) if digits.isascii() and digits.isdigit() and int(digits) < 2 ** 63 else None
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

@@ -12,10 +12,7 @@ from sqlmodel import Field, SQLModel
 from app.models.base import created_at_field, json_field, timestamp_field
 
 
-class BatchProbe(SQLModel, table=True):
-    __tablename__ = "batch_probe"
-
-    id: int | None = Field(default=None, primary_key=True)
+class BatchProbeBase(SQLModel):
     # sha256 of `key_fields`: the cache key.
     key: str = Field(max_length=64, unique=True)
     # What the key is made of: {"model_shape", "gpu", "cutoff_len", "packing", "lora_rank", ...}.
@@ -39,20 +36,11 @@ class BatchProbe(SQLModel, table=True):
     updated_at: datetime | None = timestamp_field()
 
 
-class BatchProbePublic(SQLModel):
+class BatchProbe(BatchProbeBase, table=True):
+    __tablename__ = "batch_probe"
+
+    id: int | None = Field(default=None, primary_key=True)
+
+
+class BatchProbePublic(BatchProbeBase):
     id: int
-    key: str
-    key_fields: dict[str, Any]
-    gpu_name: str
-    total_mib: float
-    overhead_mib: float
-    base_mib: float
-    seq_len: int
-    measurements: list[dict[str, Any]]
-    probe_s: float
-    load_s: float
-    versions: dict[str, str]
-    worker_id: str
-    run_id: int | None
-    created_at: datetime
-    updated_at: datetime | None

@@ -8,17 +8,12 @@ from typing import Any
 from sqlmodel import Field, SQLModel
 
 from app.models.base import created_at_field, json_field
+from app.models.user import OwnedPublic, expose_owner_name, owner_id_field
 
 
 class TrainConfigBase(SQLModel):
     name: str = Field(index=True, max_length=100)
     description: str = ""
-
-
-class TrainConfig(TrainConfigBase, table=True):
-    __tablename__ = "train_config"
-
-    id: int | None = Field(default=None, primary_key=True)
     version: int = 1
     # The config this one was edited from (a frozen config is never changed in place).
     parent_id: int | None = Field(default=None, foreign_key="train_config.id")
@@ -34,14 +29,15 @@ class TrainConfig(TrainConfigBase, table=True):
     created_at: datetime = created_at_field()
 
 
-class TrainConfigPublic(TrainConfigBase):
+class TrainConfig(TrainConfigBase, table=True):
+    __tablename__ = "train_config"
+
+    id: int | None = Field(default=None, primary_key=True)
+    owner_id: int | None = owner_id_field()
+
+
+class TrainConfigPublic(TrainConfigBase, OwnedPublic):
     id: int
-    version: int
-    parent_id: int | None
-    model_id: int | None
-    params: dict[str, Any]
-    dataset_ids: list[int]
-    gpus: int
-    auto_batch: bool = True
-    frozen: bool
-    created_at: datetime
+
+
+expose_owner_name(TrainConfig)

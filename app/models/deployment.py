@@ -9,6 +9,7 @@ from sqlalchemy import Column, Text
 from sqlmodel import Field, SQLModel
 
 from app.models.base import created_at_field, json_field, timestamp_field
+from app.models.user import OwnedPublic, expose_owner_name, owner_id_field
 
 
 class DeploymentStatus(StrEnum):
@@ -26,6 +27,7 @@ class DeploymentStatus(StrEnum):
 
 
 ACTIVE_STATUSES = (DeploymentStatus.pending, DeploymentStatus.starting, DeploymentStatus.ready)
+SERVED_AS_LORA, SERVED_AS_MERGED, SERVED_AS_MODEL = "lora", "merged", "model"
 
 
 class ServeBackend(StrEnum):
@@ -35,46 +37,48 @@ class ServeBackend(StrEnum):
     llamafactory = "llamafactory"
 
 
-class InferenceServer(SQLModel, table=True):
-    __tablename__ = "inference_server"
-
-    id: int | None = Field(default=None, primary_key=True)
+class InferenceServerBase(SQLModel):
     backend: ServeBackend = ServeBackend.vllm
     base_model_path: str = Field(index=True)
     # The gateway's `model` name for the base model itself (vLLM's --served-model-name).
     base_name: str = ""
-    # LLaMA-Factory's chat template, for the llamafactory backend.
-    template: str | None = None
     status: DeploymentStatus = DeploymentStatus.pending
     status_reason: str = ""
-    # The panel's dispatch of a pending server to one worker (see Run.dispatch_id).
-    dispatch_id: str | None = None
-    dispatched_worker_id: str | None = None
-    dispatched_at: datetime | None = timestamp_field()
     gpu_ids: list[int] = json_field(list)
     worker_id: str | None = None
-    # The worker process that claimed it (a restarted worker's servers died with it).
-    worker_instance: str | None = None
     url: str | None = None
-    # The bearer secret the server requires (vLLM's --api-key): only the gateway sends it.
-    api_key: str = ""
     pid: int | None = None
     max_lora_rank: int = 16
     max_model_len: int = 2048
     # Set when its last adapter is undeployed; the supervising worker stops the process.
     stop_requested: bool = False
-    # A registered model served alone, with no adapter (a merged export: app/services/exports.py).
-    serves_model_alone: bool = False
     log_tail: str = Field(default="", sa_column=Column(Text, nullable=False))
     created_at: datetime = created_at_field()
-    claimed_at: datetime | None = timestamp_field()
     ready_at: datetime | None = timestamp_field()
-    heartbeat_at: datetime | None = timestamp_field()
     stopped_at: datetime | None = timestamp_field()
 
 
-class Deployment(SQLModel, table=True):
+class InferenceServer(InferenceServerBase, table=True):
+    __tablename__ = "inference_server"
+
     id: int | None = Field(default=None, primary_key=True)
+    # LLaMA-Factory's chat template, for the llamafactory backend.
+    template: str | None = None
+    # The panel's dispatch of a pending server to one worker (see Run.dispatch_id).
+    dispatch_id: str | None = None
+    dispatched_worker_id: str | None = None
+    dispatched_at: datetime | None = timestamp_field()
+    # The worker process that claimed it (a restarted worker's servers died with it).
+    worker_instance: str | None = None
+    # The bearer secret the server requires (vLLM's --api-key): only the gateway sends it.
+    api_key: str = ""
+    # A registered model served alone, with no adapter (a merged export: app/services/exports.py).
+    serves_model_alone: bool = False
+    claimed_at: datetime | None = timestamp_field()
+    heartbeat_at: datetime | None = timestamp_field()
+
+
+class DeploymentBase(SQLModel):
     # The `model` name clients send to the gateway.
     name: str = Field(index=True, max_length=200)
     run_id: int | None = Field(default=None, foreign_key="run.id")
@@ -86,11 +90,22 @@ class Deployment(SQLModel, table=True):
     # The adapter's name inside the server (vLLM's lora_name; LLaMA-Factory's API_MODEL_NAME).
     lora_name: str = ""
     lora_rank: int = 0
+    # How it is served: "lora" (an adapter on its base model's server), "merged" (vLLM cannot serve
+    # it as a LoRA: an export job merges it into its base first) or "model" (a full or freeze
+    # fine-tune's output, a whole model); the last two on a server of their own (serves_model_alone).
+    served_as: str = SERVED_AS_LORA
+    # The export (merge) job a "merged" deployment waits for, then is served from.
+    export_id: int | None = None
     status: DeploymentStatus = DeploymentStatus.pending
     status_reason: str = ""
     created_at: datetime = created_at_field()
     ready_at: datetime | None = timestamp_field()
     stopped_at: datetime | None = timestamp_field()
+
+
+class Deployment(DeploymentBase, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    owner_id: int | None = owner_id_field()
 
 
 class DeploymentCreate(SQLModel):
@@ -103,43 +118,18 @@ class DeploymentCreate(SQLModel):
     force: bool = False
 
 
-class DeploymentPublic(SQLModel):
+class DeploymentPublic(DeploymentBase, OwnedPublic):
     id: int
-    name: str
-    run_id: int | None
-    checkpoint: str | None
-    server_id: int | None
-    artifact_digest: str
-    lora_name: str
-    lora_rank: int
-    status: DeploymentStatus
-    status_reason: str
-    created_at: datetime
-    ready_at: datetime | None
-    stopped_at: datetime | None
 
 
-class InferenceServerPublic(SQLModel):
+class InferenceServerPublic(InferenceServerBase):
     id: int
-    backend: ServeBackend
-    base_model_path: str
-    base_name: str
-    status: DeploymentStatus
-    status_reason: str
-    gpu_ids: list[int]
-    worker_id: str | None
-    url: str | None
-    pid: int | None
-    max_lora_rank: int
-    max_model_len: int
-    stop_requested: bool
-    log_tail: str
     # The scheduler's word on a pending server that no worker could take yet.
     wait_reason: str | None = None
-    created_at: datetime
-    ready_at: datetime | None
-    stopped_at: datetime | None
 
 
 class DeploymentDetail(DeploymentPublic):
     server: InferenceServerPublic | None = None
+
+
+expose_owner_name(Deployment)

@@ -12,19 +12,19 @@ from app.models.base import created_at_field
 class ModelEntryBase(SQLModel):
     name: str = Field(index=True, unique=True, max_length=200)
     path: str = Field(unique=True)
-
-
-class ModelEntry(ModelEntryBase, table=True):
-    id: int | None = Field(default=None, primary_key=True)
     architecture: str = ""
     model_type: str = ""
     param_count: int = 0
     dtype: str = ""
     has_chat_template: bool = False
     suggested_template: str | None = None
+    created_at: datetime = created_at_field()
+
+
+class ModelEntry(ModelEntryBase, table=True):
+    id: int | None = Field(default=None, primary_key=True)
     # app.wire.model_fingerprint of the folder: a worker holds this model when it reads the same.
     fingerprint: str = ""
-    created_at: datetime = created_at_field()
 
 
 class ModelEntryCreate(SQLModel):
@@ -34,10 +34,3 @@ class ModelEntryCreate(SQLModel):
 
 class ModelEntryPublic(ModelEntryBase):
     id: int
-    architecture: str
-    model_type: str
-    param_count: int
-    dtype: str
-    has_chat_template: bool
-    suggested_template: str | None
-    created_at: datetime

@@ -25,20 +25,17 @@ class WorkerBase(SQLModel):
     models: dict[str, str] = json_field()
     # The last `tuneboard doctor` report: {"checks": [...], "facts": {...}, "worst", "created_at"}.
     doctor: dict[str, Any] = json_field()
+    started_at: datetime = created_at_field()
+    last_seen_at: datetime | None = timestamp_field()
+    # Set by its last heartbeat when it shut down cleanly; a killed worker just goes silent.
+    stopped_at: datetime | None = timestamp_field()
 
 
 class Worker(WorkerBase, table=True):
     # The worker process that sent the last heartbeat (new at each start).
     instance_id: str = ""
-    started_at: datetime = created_at_field()
-    last_seen_at: datetime | None = timestamp_field()
-    # Set by its last heartbeat when it shut down cleanly; a killed worker just goes silent.
-    stopped_at: datetime | None = timestamp_field()
     doctor_requested: bool = False
 
 
 class WorkerPublic(WorkerBase):
     online: bool
-    started_at: datetime
-    last_seen_at: datetime | None
-    stopped_at: datetime | None

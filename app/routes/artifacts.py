@@ -33,17 +33,9 @@ UploadId = Annotated[str, Path(pattern=service.UPLOAD_ID_PATTERN)]
 _BYTE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-def _refusal(error: service.ArtifactError) -> JSONResponse:
-    return JSONResponse({"detail": error.detail, **error.extra}, status_code=error.status_code)
-
-
-class _Unsatisfiable(ValueError):
-    pass
-
-
 def _requested_span(header: str | None, size: int) -> tuple[int, int] | None:
     """The one byte range asked for, as (first, last); None for the whole blob (no header, or one
-    this server may ignore: several ranges, bad syntax)."""
+    this server may ignore: several ranges, bad syntax). first > last: none of the blob is in it."""
     match = _BYTE_RANGE.match(header.strip()) if header else None
     if match is None or match[1] == match[2] == "":
         return None
@@ -52,8 +44,6 @@ def _requested_span(header: str | None, size: int) -> tuple[int, int] | None:
     else:
         first = int(match[1])
         last = min(int(match[2]), size - 1) if match[2] else size - 1
-    if first >= size or first > last:
-        raise _Unsatisfiable(f"range {header} is outside the blob's {size} bytes")
     return first, last
 
 
@@ -71,13 +61,11 @@ def _blob_bytes(sha256: str, start: int, length: int) -> Iterator[bytes]:
 def download_blob(
     sha256: Sha256, request: Request, range_header: Annotated[str | None, Header(alias="Range")] = None,
 ) -> Response:
-    size = service.blob_size(sha256)
-    if size is None:
-        return JSONResponse({"detail": f"blob {sha256} is not in the store"}, status_code=404)
-    try:
-        span = _requested_span(range_header, size)
-    except _Unsatisfiable as error:
-        return JSONResponse({"detail": str(error)}, status_code=416, headers={"Content-Range": f"bytes */{size}"})
+    size = service.stored_blob_size(sha256)
+    span = _requested_span(range_header, size)
+    if span is not None and span[0] > span[1]:  # HTTP's answer to a range past the end, not a refusal
+        return JSONResponse({"detail": f"range {range_header} is outside the blob's {size} bytes"}, status_code=416,
+                            headers={"Content-Range": f"bytes */{size}"})
     first, last = span or (0, size - 1)
     headers = {"Accept-Ranges": "bytes", "ETag": f'"{sha256}"', "Content-Length": str(last - first + 1)}
     if span is not None:
@@ -101,8 +89,6 @@ async def upload_blob(
     """The request's body, streamed, appended at `offset` of the blob's `size` bytes."""
     try:
         return await service.receive_blob(sha256, offset, size, request.stream())
-    except service.ArtifactError as error:
-        return _refusal(error)
     except ClientDisconnect:
         return Response(status_code=400)  # nobody listens; what arrived stays staged for the resume
 
@@ -112,12 +98,9 @@ def open_upload_session(opening: UploadSessionRequest) -> UploadSession:
     return service.open_session(opening.size)
 
 
-@internal_router.get("/uploads/{upload_id}", response_model=None)
-def upload_session_state(upload_id: UploadId) -> UploadState | Response:
-    try:
-        return service.session_state(upload_id)
-    except service.ArtifactError as error:
-        return _refusal(error)
+@internal_router.get("/uploads/{upload_id}")
+def upload_session_state(upload_id: UploadId) -> UploadState:
+    return service.session_state(upload_id)
 
 
 @internal_router.patch("/uploads/{upload_id}", response_model=None)
@@ -127,31 +110,20 @@ async def upload_to_session(
     """The request's body, streamed, appended at `offset` of the session's bytes."""
     try:
         return await service.receive_session(upload_id, offset, request.stream())
-    except service.ArtifactError as error:
-        return _refusal(error)
     except ClientDisconnect:
         return Response(status_code=400)  # nobody listens; what arrived stays staged for the resume
 
 
-@internal_router.post("/uploads/{upload_id}/commit", response_model=None)
-def commit_upload_session(upload_id: UploadId, commit: UploadCommit) -> UploadState | Response:
-    try:
-        return service.commit_session(upload_id, commit.sha256)
-    except service.ArtifactError as error:
-        return _refusal(error)
+@internal_router.post("/uploads/{upload_id}/commit")
+def commit_upload_session(upload_id: UploadId, commit: UploadCommit) -> UploadState:
+    return service.commit_session(upload_id, commit.sha256)
 
 
-@internal_router.post("/runs/{run_id}/artifacts", response_model=None)
-def record_artifact(run_id: int, record: ArtifactRecord, session: SessionDep) -> RunArtifactPublic | Response:
-    try:
-        return RunArtifactPublic.model_validate(service.record_artifact(session, run_id, record))
-    except service.ArtifactError as error:
-        return _refusal(error)
+@internal_router.post("/runs/{run_id}/artifacts")
+def record_artifact(run_id: int, record: ArtifactRecord, session: SessionDep) -> RunArtifactPublic:
+    return RunArtifactPublic.model_validate(service.record_artifact(session, run_id, record))
 
 
-@internal_router.get("/runs/{run_id}/artifacts/{name}", response_model=None)
-def artifact_manifest(run_id: int, name: str, session: SessionDep) -> ArtifactManifest | Response:
-    try:
-        return service.get_manifest(session, run_id, name)
-    except service.ArtifactError as error:
-        return _refusal(error)
+@internal_router.get("/runs/{run_id}/artifacts/{name}")
+def artifact_manifest(run_id: int, name: str, session: SessionDep) -> ArtifactManifest:
+    return service.get_manifest(session, run_id, name)

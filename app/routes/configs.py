@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse
 from pydantic import ValidationError
 from sqlmodel import Session, SQLModel
 from starlette.datastructures import UploadFile
 
+from app.auth import CurrentUser, OwnerQuery, require_owner
 from app.db import SessionDep
 from app.models import TrainConfig, TrainConfigPublic
 from app.services import configs as service
@@ -19,11 +20,14 @@ from app.services import llamafactory_params as catalogue
 from app.services.configs import ConfigError, TrainConfigInput
 from app.services.datasets import list_datasets, templates_or_empty
 from app.services.model_registry import list_models
+from app.services.users import owned_by, owner_id_filter
 from app.services.form_defaults import new_config_defaults
 from app.templating import is_htmx, render
 
 router = APIRouter(tags=["configs-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["configs"])
+# Changing one needs its owner or an admin (app/services/permissions.py).
+OWNED_CONFIG = require_owner(service.get_config, "config_id", "config")
 
 
 class ConfigImport(SQLModel):
@@ -36,35 +40,18 @@ class ConfigImported(SQLModel):
     notices: list[str]
 
 
-def _get(session: Session, config_id: int) -> TrainConfig:
-    config = service.get_config(session, config_id)
-    if config is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"config {config_id} not found")
-    return config
-
-
-def _refused(error: ConfigError) -> JSONResponse:
-    return JSONResponse(
-        {"detail": str(error), "errors": [{"field": k, "message": v} for k, v in error.errors.items()]},
-        status_code=error.status_code,
-    )
-
-
 # ---------------------------------------------------------------------------------------- API
 
 
 @api_router.get("/configs", response_model=list[TrainConfigPublic])
-def list_configs(session: SessionDep) -> list[TrainConfig]:
-    return service.list_configs(session)
+def list_configs(session: SessionDep, user: CurrentUser, owner: OwnerQuery = None) -> list[TrainConfig]:
+    return owned_by(service.list_configs(session), owner_id_filter(session, user, owner))
 
 
 @api_router.post("/configs", response_model=TrainConfigPublic, status_code=status.HTTP_201_CREATED,
                  responses={422: {"description": "refused input, with messages by field"}})
-def create_config(body: TrainConfigInput, session: SessionDep):
-    try:
-        return service.create_config(session, body)
-    except ConfigError as error:
-        return _refused(error)
+def create_config(body: TrainConfigInput, session: SessionDep) -> TrainConfig:
+    return service.create_config(session, body)
 
 
 @api_router.post("/configs/import", response_model=ConfigImported, status_code=status.HTTP_201_CREATED,
@@ -84,10 +71,7 @@ async def import_config(request: Request, session: SessionDep):
         except ValidationError as error:
             raise RequestValidationError(error.errors(include_url=False, include_context=False)) from None
         text, name = body.yaml, body.name
-    try:
-        config, notices = service.import_config(session, text, name=name)
-    except ConfigError as error:
-        return _refused(error)
+    config, notices = service.import_config(session, text, name=name)
     return ConfigImported(config=TrainConfigPublic.model_validate(config), notices=notices)
 
 
@@ -104,33 +88,26 @@ def estimate_config(body: TrainConfigInput, session: SessionDep) -> dict[str, An
 
 @api_router.get("/configs/{config_id}", response_model=TrainConfigPublic)
 def get_config(config_id: int, session: SessionDep) -> TrainConfig:
-    return _get(session, config_id)
+    return service.get_config(session, config_id)
 
 
-@api_router.put("/configs/{config_id}", response_model=TrainConfigPublic,
+@api_router.put("/configs/{config_id}", dependencies=[OWNED_CONFIG], response_model=TrainConfigPublic,
                 responses={422: {"description": "refused input, with messages by field"}})
-def update_config(config_id: int, body: TrainConfigInput, session: SessionDep):
+def update_config(config_id: int, body: TrainConfigInput, session: SessionDep) -> TrainConfig:
     """Edit; a frozen config (used by a run) is kept and the edit becomes a new version."""
-    try:
-        return service.update_config(session, _get(session, config_id), body)
-    except ConfigError as error:
-        return _refused(error)
+    return service.update_config(session, service.get_config(session, config_id), body)
 
 
-@api_router.delete("/configs/{config_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_config(config_id: int, session: SessionDep):
-    try:
-        service.delete_config(session, _get(session, config_id))
-    except ConfigError as error:
-        return _refused(error)
-    return None
+@api_router.delete("/configs/{config_id}", dependencies=[OWNED_CONFIG], status_code=status.HTTP_204_NO_CONTENT)
+def delete_config(config_id: int, session: SessionDep) -> None:
+    service.delete_config(session, service.get_config(session, config_id))
 
 
 @api_router.get("/configs/{config_id}/yaml", response_class=PlainTextResponse,
                 responses={200: {"content": {"application/yaml": {}}}})
 def config_yaml(config_id: int, session: SessionDep, download: bool = False) -> PlainTextResponse:
     """The YAML `llamafactory-cli train` reads (output_dir: LLaMA-Factory's saves/… convention)."""
-    config = _get(session, config_id)
+    config = service.get_config(session, config_id)
     headers = {"Content-Disposition": f'attachment; filename="config-{config.id}-v{config.version}.yaml"'} \
         if download else None
     return PlainTextResponse(service.export_yaml(session, config), media_type="application/yaml", headers=headers)
@@ -138,7 +115,8 @@ def config_yaml(config_id: int, session: SessionDep, download: bool = False) -> 
 
 @api_router.get("/configs/{a}/diff/{b}")
 def diff_configs(a: int, b: int, session: SessionDep) -> dict[str, Any]:
-    return {"a": a, "b": b, "changes": service.diff(session, _get(session, a), _get(session, b))}
+    left, right = service.get_config(session, a), service.get_config(session, b)
+    return {"a": a, "b": b, "changes": service.diff(session, left, right)}
 
 
 # -------------------------------------------------------------------------------------- pages
@@ -179,6 +157,8 @@ def _form_context(session: Session, data: TrainConfigInput, *, config: TrainConf
         "datasets": list_datasets(session), "templates": templates_or_empty(),
         "sections": catalogue.SECTIONS, "form_params": catalogue.form_params, "form_fields": FORM_FIELDS,
         "presets": catalogue.MAX_SAMPLES_PRESETS, "estimate": service.estimate(session, data),
+        "stage_help": catalogue.STAGE_HELP, "ppo_note": catalogue.STAGE_NOT_OFFERED["ppo"],
+        "stage_dataset_kinds": catalogue.STAGE_DATASET_KINDS,
         "unresolved": data.params.get("dataset"), "model_hint": data.params.get("model_name_or_path"),
     }
 
@@ -193,8 +173,8 @@ async def _submitted(request: Request) -> tuple[TrainConfigInput, str, dict[str 
     if advanced_text.strip():
         try:
             advanced = service.parse_yaml_mapping(advanced_text)
-        except ConfigError as error:
-            errors["advanced"] = error.errors["yaml"]
+        except ConfigError as error:  # shown next to the "advanced" box
+            errors["advanced"] = error.detail
     data = service.form_to_input(fields, advanced)
     return data, advanced_text, errors
 
@@ -212,8 +192,10 @@ def _config_page(request: Request, session: Session, config: TrainConfig, **extr
 
 
 @router.get("/configs")
-def configs_page(request: Request, session: SessionDep):
-    return render(request, "configs/list.html", {"section": "configs", "configs": listings.config_rows(session),
+def configs_page(request: Request, session: SessionDep, user: CurrentUser, owner: OwnerQuery = None):
+    """`?owner=me`: only the caller's configs (the page's "Mine" toggle)."""
+    rows = listings.config_rows(session, owner_id_filter(session, user, owner))
+    return render(request, "configs/list.html", {"section": "configs", "configs": rows, "owner": owner,
                                                  "import_errors": {}, "import_text": ""})
 
 
@@ -299,31 +281,32 @@ async def validate_form(request: Request, session: SessionDep):
     findings = service.llamafactory_check(session, data)
     for field, message in errors.items():
         findings["errors"].append({"field": field, "message": message})
-    return render(request, "configs/_findings.html", {"findings": findings, "oob_fields": sorted(FORM_FIELDS)})
+    return render(request, "configs/form.html", {"findings": findings, "oob_fields": sorted(FORM_FIELDS)},
+                  block="findings")
 
 
 @router.get("/configs/{config_id}")
 def config_page(config_id: int, request: Request, session: SessionDep):
-    return _config_page(request, session, _get(session, config_id))
+    return _config_page(request, session, service.get_config(session, config_id))
 
 
 @router.post("/configs/{config_id}/validate")
 def validate_config_page(config_id: int, request: Request, session: SessionDep):
-    findings = service.llamafactory_check(session, service.to_input(_get(session, config_id)))
-    return render(request, "configs/_findings.html", {"findings": findings})
+    findings = service.llamafactory_check(session, service.to_input(service.get_config(session, config_id)))
+    return render(request, "configs/detail.html", {"findings": findings}, block="findings")
 
 
 @router.get("/configs/{config_id}/edit")
 def edit_config_page(config_id: int, request: Request, session: SessionDep):
-    config = _get(session, config_id)
+    config = service.get_config(session, config_id)
     data = service.to_input(config)
     _, found = service.check(session, data)
     return render(request, "configs/form.html", _form_context(session, data, config=config, warnings=found.warnings))
 
 
-@router.post("/configs/{config_id}/edit")
+@router.post("/configs/{config_id}/edit", dependencies=[OWNED_CONFIG])
 async def update_config_form(config_id: int, request: Request, session: SessionDep):
-    config = _get(session, config_id)
+    config = service.get_config(session, config_id)
     data, advanced, errors = await _submitted(request)
     # The form cannot show unregistered dataset names or a hub model id: keep them.
     for key in ("dataset", "model_name_or_path"):
@@ -346,10 +329,10 @@ async def update_config_form(config_id: int, request: Request, session: SessionD
                                 advanced=advanced), status_code=422)
 
 
-@router.post("/configs/{config_id}/use-model")
+@router.post("/configs/{config_id}/use-model", dependencies=[OWNED_CONFIG])
 async def use_model_form(config_id: int, request: Request, session: SessionDep):
     """The config page's offer: resolve an imported model reference to the registered model."""
-    config = _get(session, config_id)
+    config = service.get_config(session, config_id)
     model_id = str((await request.form()).get("model_id") or "")
     try:
         saved = service.use_model(session, config, int(model_id) if model_id.isdigit() else -1)
@@ -358,19 +341,19 @@ async def use_model_form(config_id: int, request: Request, session: SessionDep):
     return RedirectResponse(f"/configs/{saved.id}", status_code=status.HTTP_303_SEE_OTHER)
 
 
-@router.post("/configs/{config_id}/delete")
+@router.post("/configs/{config_id}/delete", dependencies=[OWNED_CONFIG])
 def delete_config_form(config_id: int, request: Request, session: SessionDep):
-    config = _get(session, config_id)
+    config = service.get_config(session, config_id)
     try:
         service.delete_config(session, config)
     except ConfigError as error:
-        return _config_page(request, session, config, delete_error=error.errors[None])
+        return _config_page(request, session, config, delete_error=error.detail)
     return RedirectResponse("/configs", status_code=status.HTTP_303_SEE_OTHER)
 
 
 @router.get("/configs/{a}/diff/{b}")
 def diff_page(a: int, b: int, request: Request, session: SessionDep):
-    left, right = _get(session, a), _get(session, b)
+    left, right = service.get_config(session, a), service.get_config(session, b)
     return render(request, "configs/diff.html", {
         "section": "configs", "a": left, "b": right, "changes": service.diff(session, left, right),
         "configs": listings.config_choices(session)})

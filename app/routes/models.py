@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, HTTPException, Request, status
+from fastapi import APIRouter, Form, Request, status
 from fastapi.responses import RedirectResponse
 from sqlmodel import Session
 
@@ -20,17 +20,6 @@ router = APIRouter(tags=["models-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["models"])
 
 
-def _get(session: Session, model_id: int) -> ModelEntry:
-    entry = service.get_model(session, model_id)
-    if entry is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {model_id} not found")
-    return entry
-
-
-def _refuse(error: ModelError) -> HTTPException:
-    return HTTPException(error.status_code, str(error))
-
-
 # ---------------------------------------------------------------------------------------- API
 
 
@@ -42,10 +31,7 @@ def list_models(session: SessionDep) -> list[ModelEntry]:
 @api_router.post("/models", response_model=ModelEntryPublic, status_code=status.HTTP_201_CREATED)
 def add_model(body: ModelEntryCreate, session: SessionDep) -> ModelEntry:
     """Register a model folder under an allowed root (nothing is downloaded)."""
-    try:
-        return service.add_model(session, body.path, body.name)
-    except ModelError as error:
-        raise _refuse(error) from None
+    return service.add_model(session, body.path, body.name)
 
 
 @api_router.post("/models/scan")
@@ -56,16 +42,13 @@ def scan_models(session: SessionDep) -> dict[str, list[str]]:
 
 @api_router.get("/models/{model_id}", response_model=ModelEntryPublic)
 def get_model(model_id: int, session: SessionDep) -> ModelEntry:
-    return _get(session, model_id)
+    return service.get_model(session, model_id)
 
 
 @api_router.delete("/models/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_model(model_id: int, session: SessionDep) -> None:
     """Forget a model (its folder is left alone)."""
-    try:
-        service.delete_model(session, _get(session, model_id))
-    except ModelError as error:
-        raise _refuse(error) from None
+    service.delete_model(session, service.get_model(session, model_id))
 
 
 # -------------------------------------------------------------------------------------- pages
@@ -92,7 +75,7 @@ def add_model_form(
         entry = service.add_model(session, path, name or None)
     except ModelError as error:
         return _page(request, session, status_code=error.status_code, form={"path": path, "name": name},
-                     errors={error.field: str(error)})
+                     errors={error.field: error.detail})
     return _page(request, session, notice=f"Registered {entry.name}.")
 
 
@@ -123,8 +106,9 @@ def stop_model_server_form(server_id: int, request: Request, session: SessionDep
 
 @router.post("/models/{model_id}/delete")
 def delete_model_form(model_id: int, request: Request, session: SessionDep):
+    entry = service.get_model(session, model_id)
     try:
-        service.delete_model(session, _get(session, model_id))
+        service.delete_model(session, entry)
     except ModelError as error:
-        return _page(request, session, status_code=error.status_code, errors={"delete": str(error)})
+        return _page(request, session, status_code=error.status_code, errors={"delete": error.detail})
     return RedirectResponse("/models", status_code=status.HTTP_303_SEE_OTHER)

@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from app.auth import CurrentUser, OwnerQuery, require_owner
 from app.db import SessionDep
 from app.models import Run, RunPublic, RunStatus, TrainConfig
 from app.models.run import RunPriority
@@ -24,6 +25,7 @@ from app.services import listings, run_views
 from app.services import runs as service
 from app.services import scheduler
 from app.services.run_events import hub
+from app.services.users import owner_id_filter
 from app.templating import is_htmx, render, templates
 from app.models import BatchProbe, BatchProbePublic
 from app.services import batching
@@ -31,6 +33,8 @@ from app.wire import BatchChoice, BatchFallback, ClaimRequest, EventsReply, Even
 
 router = APIRouter(tags=["runs-pages"], include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["runs"])
+# Changing one needs its owner or an admin (app/services/permissions.py).
+OWNED_RUN = require_owner(service.get_run, "run_id", "run")
 internal_router = APIRouter()
 
 # A fresh key per rendered start form (runs/_start_form.html, also included by the config page):
@@ -48,10 +52,6 @@ class RunCreate(BaseModel):
     name: str | None = Field(default=None, max_length=200)
     gpus: int | None = Field(default=None, ge=0)
     priority: RunPriority = RunPriority.normal
-
-
-def _http(error: service.RunError) -> HTTPException:
-    return HTTPException(error.status_code, error.detail)
 
 
 def _public(run: Run) -> RunPublic:
@@ -88,11 +88,7 @@ async def _run_events(run_id: int, cursor: int, finished: bool) -> AsyncIterator
 
 
 def _event_stream(session: Session, run_id: int, after: int, last_event_id: str | None) -> EventSourceResponse:
-    try:
-        run = service.get_run(session, run_id)
-    except service.RunError as error:
-        raise _http(error) from None
-    finished = run.status.is_finished()
+    finished = service.get_run(session, run_id).status.is_finished()
     session.close()  # the stream may last hours: hold no connection
     return EventSourceResponse(
         _run_events(run_id, _cursor(after, last_event_id), finished),
@@ -107,30 +103,32 @@ def _start_form_context(session: Session, *, error: str | None = None, values: d
     }
 
 
-def _list_context(session: Session) -> dict[str, Any]:
+def _list_context(session: Session, owner_id: int | None = None, owner: str | None = None) -> dict[str, Any]:
     cursor = listings.latest_event_id(session)  # first: a change made while the rows are read is sent again
-    runs = listings.run_rows(session)
+    runs = listings.run_rows(session, owner_id=owner_id)
     return {
-        "section": "runs", "runs": runs, "cursor": cursor, "top": max((run.id for run in runs), default=0),
+        "section": "runs", "runs": runs, "owner": owner, "cursor": cursor, "top": max((run.id for run in runs), default=0),
         "any_active": any(run.status.is_active() for run in runs),
         **_start_form_context(session),
     }
 
 
 @router.get("/runs")
-def runs_page(request: Request, session: SessionDep):
-    return render(request, "runs/list.html", _list_context(session))
+def runs_page(request: Request, session: SessionDep, user: CurrentUser, owner: OwnerQuery = None):
+    """`?owner=me`: only the caller's runs (the page's "Mine" toggle)."""
+    return render(request, "runs/list.html", _list_context(session, owner_id_filter(session, user, owner), owner))
 
 
 @router.get("/runs/rows")
-def changed_run_rows(request: Request, session: SessionDep, after: int = 0, top: int = 0) -> Response:
+def changed_run_rows(request: Request, session: SessionDep, user: CurrentUser, after: int = 0, top: int = 0,
+                     owner: OwnerQuery = None) -> Response:
     """htmx polling while a run is active: only the rows of runs with an event after `after`
     (`top`: the newest run the page shows; newer ones are added on top), or 204."""
-    changed, cursor = listings.run_rows_changed(session, after)
+    changed, cursor = listings.run_rows_changed(session, after, owner_id_filter(session, user, owner))
     if not changed:
         return Response(status_code=204)
     context = {
-        "changed": changed, "cursor": cursor, "top_before": top,
+        "changed": changed, "cursor": cursor, "top_before": top, "owner": owner,
         "top": max(top, *(run.id for run in changed)), "any_active": listings.any_run_active(session),
     }
     return render(request, "runs/list.html", context, block="changed_rows")
@@ -160,7 +158,8 @@ def start_from_form(
             "fixed_config": session.get(TrainConfig, config_id) if fixed else None,  # the config page's form
         }
         if is_htmx(request):  # htmx swaps only 2xx: the form comes back with the error inline
-            return render(request, "runs/_start_form.html", context)
+            page = "configs/detail.html" if fixed else "runs/list.html"
+            return render(request, page, {**context, "config": context["fixed_config"]}, block="start_form")
         status_code = error.status_code if isinstance(error, service.RunError) else 400
         return render(request, "runs/list.html", {**_list_context(session), **context}, status_code=status_code)
     return _redirect(request, f"/runs/{run.id}")
@@ -207,22 +206,29 @@ def _dashboard_context(session: Session, run: Run, block: str | None) -> dict[st
 
 @router.get("/runs/{run_id}")
 def run_page(request: Request, run_id: int, session: SessionDep):
-    """The live dashboard; to htmx (after an event) just its header or its artifacts."""
-    try:
-        run = service.get_run(session, run_id)
-    except service.RunError as error:
-        raise _http(error) from None
-    block = {"run-header": "header", "run-artifacts": "artifacts"}.get(request.headers.get("HX-Target", ""))
-    return render(request, "runs/detail.html", _dashboard_context(session, run, block), block=block)
+    """The live dashboard."""
+    run = service.get_run(session, run_id)
+    return render(request, "runs/detail.html", _dashboard_context(session, run, None))
+
+
+@router.get("/runs/{run_id}/header")
+def run_header(request: Request, run_id: int, session: SessionDep):
+    """htmx, after a status event: the dashboard's header (actions, worker, timing)."""
+    run = service.get_run(session, run_id)
+    return render(request, "runs/detail.html", _dashboard_context(session, run, "header"), block="header")
+
+
+@router.get("/runs/{run_id}/artifacts")
+def run_artifacts_section(request: Request, run_id: int, session: SessionDep):
+    """htmx, once a checkpoint is due or the run is over: the dashboard's checkpoints and files."""
+    run = service.get_run(session, run_id)
+    return render(request, "runs/detail.html", _dashboard_context(session, run, "artifacts"), block="artifacts")
 
 
 @router.get("/runs/{run_id}/log.txt")
 def run_log_download(run_id: int, session: SessionDep) -> StreamingResponse:
     """Every log line of every attempt (the dashboard keeps the last 500)."""
-    try:
-        service.get_run(session, run_id)
-    except service.RunError as error:
-        raise _http(error) from None
+    service.get_run(session, run_id)
     return StreamingResponse(
         run_views.log_text(session, run_id), media_type="text/plain; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="run-{run_id}-log.txt"'},
@@ -238,12 +244,7 @@ def run_events_page(
 
 
 def _page_action(request: Request, session: Session, run_id: int, action, *, go_to_new: bool = False) -> Response:
-    try:
-        result = action(session, run_id)
-    except service.RunError as error:
-        if is_htmx(request):
-            return render(request, "runs/_alert.html", {"message": error.detail, "kind": "error"})
-        raise _http(error) from None
+    result = action(session, run_id)
     if go_to_new:
         return _redirect(request, f"/runs/{result[0].id}")
     if is_htmx(request):
@@ -251,17 +252,17 @@ def _page_action(request: Request, session: Session, run_id: int, action, *, go_
     return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
 
-@router.post("/runs/{run_id}/cancel")
+@router.post("/runs/{run_id}/cancel", dependencies=[OWNED_RUN])
 def cancel_from_page(request: Request, run_id: int, session: SessionDep) -> Response:
     return _page_action(request, session, run_id, service.cancel_run)
 
 
-@router.post("/runs/{run_id}/resume")
+@router.post("/runs/{run_id}/resume", dependencies=[OWNED_RUN])
 def resume_from_page(request: Request, run_id: int, session: SessionDep) -> Response:
     return _page_action(request, session, run_id, service.resume_run)
 
 
-@router.post("/runs/{run_id}/retry")
+@router.post("/runs/{run_id}/retry", dependencies=[OWNED_RUN])
 def retry_from_page(request: Request, run_id: int, session: SessionDep) -> Response:
     return _page_action(request, session, run_id, service.retry_run)
 
@@ -276,14 +277,9 @@ def again_from_page(
     )
 
 
-@router.post("/runs/{run_id}/delete")
+@router.post("/runs/{run_id}/delete", dependencies=[OWNED_RUN])
 def delete_from_page(request: Request, run_id: int, session: SessionDep) -> Response:
-    try:
-        service.delete_run(session, run_id)
-    except service.RunError as error:
-        if is_htmx(request):
-            return render(request, "runs/_alert.html", {"message": error.detail, "kind": "error"})
-        raise _http(error) from None
+    service.delete_run(session, run_id)
     return _redirect(request, "/runs")
 
 
@@ -304,18 +300,11 @@ def download_page(run_id: int, session: SessionDep, checkpoint: str | None = Non
 
 # --------------------------------------------------------------------------- shared helpers
 def _artifact(run_id: int, name: str) -> FileResponse:
-    try:
-        return FileResponse(service.result_file_path(run_id, name))
-    except service.RunError as error:
-        raise _http(error) from None
+    return FileResponse(service.result_file_path(run_id, name))
 
 
 def _download(session: Session, run_id: int, checkpoint: str | None) -> StreamingResponse:
-    try:
-        run = service.get_run(session, run_id)
-        manifest = service.download_manifest(session, run, checkpoint)
-    except service.RunError as error:
-        raise _http(error) from None
+    manifest = service.download_manifest(session, service.get_run(session, run_id), checkpoint)
     filename = f"run-{run_id}-{checkpoint or 'adapter'}.zip"
     return StreamingResponse(
         service.stream_zip(manifest), media_type="application/zip",
@@ -344,8 +333,10 @@ def _compare(session: Session, ids: list[int]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- JSON API
 @api_router.get("/runs", response_model=list[RunPublic])
-def list_runs(session: SessionDep, status: RunStatus | None = None, limit: int = Query(200, le=1000)):
-    return [_public(run) for run in service.list_runs(session, status=status, limit=limit)]
+def list_runs(session: SessionDep, user: CurrentUser, status: RunStatus | None = None,
+              limit: int = Query(200, le=1000), owner: OwnerQuery = None):
+    owner_id = owner_id_filter(session, user, owner)
+    return [_public(run) for run in service.list_runs(session, status=status, limit=limit, owner_id=owner_id)]
 
 
 @api_router.post("/runs", response_model=RunPublic, status_code=201)
@@ -355,13 +346,10 @@ def start_run(
 ):
     """Queue a run of a config. Send an `Idempotency-Key` header to make a repeated request
     (a retry, a double click) return the first run (200) instead of starting another."""
-    try:
-        run, created = service.start_run(
-            session, payload.config_id, name=payload.name, gpus=payload.gpus, idempotency_key=idempotency_key,
-            priority=payload.priority,
-        )
-    except service.RunError as error:
-        raise _http(error) from None
+    run, created = service.start_run(
+        session, payload.config_id, name=payload.name, gpus=payload.gpus, idempotency_key=idempotency_key,
+        priority=payload.priority,
+    )
     if not created:
         response.status_code = 200
     return _public(run)
@@ -380,24 +368,18 @@ def compare_runs(session: SessionDep, ids: Annotated[list[int], Query()]) -> dic
 
 @api_router.get("/runs/{run_id}", response_model=RunPublic)
 def get_run(run_id: int, session: SessionDep):
-    try:
-        return _public(service.get_run(session, run_id))
-    except service.RunError as error:
-        raise _http(error) from None
+    return _public(service.get_run(session, run_id))
 
 
 @api_router.get("/runs/{run_id}/yaml", response_class=PlainTextResponse)
 def run_yaml(run_id: int, session: SessionDep) -> str:
     """The exact train.yaml of the run (output_dir and dataset_dir are the worker's placeholders)."""
-    try:
-        return service.get_run(session, run_id).train_yaml
-    except service.RunError as error:
-        raise _http(error) from None
+    return service.get_run(session, run_id).train_yaml
 
 
 @api_router.get("/runs/{run_id}/metrics")
 def run_metrics(run_id: int, session: SessionDep) -> list[dict[str, Any]]:
-    get_run(run_id, session)
+    service.get_run(session, run_id)
     return service.metrics_of(session, run_id)
 
 
@@ -406,7 +388,7 @@ def run_logs(
     run_id: int, session: SessionDep, after_id: int = 0, limit: int = Query(1000, le=10000),
 ) -> list[dict[str, Any]]:
     """Log lines in order; page with `after_id` (the last line's id)."""
-    get_run(run_id, session)
+    service.get_run(session, run_id)
     return [line.model_dump() for line in service.log_lines(session, run_id, after_id=after_id, limit=limit)]
 
 
@@ -421,26 +403,23 @@ def run_events_api(
 
 
 def _api_action(session: Session, run_id: int, action) -> RunPublic:
-    try:
-        return _public(action(session, run_id))
-    except service.RunError as error:
-        raise _http(error) from None
+    return _public(action(session, run_id))
 
 
-@api_router.post("/runs/{run_id}/cancel", response_model=RunPublic)
+@api_router.post("/runs/{run_id}/cancel", dependencies=[OWNED_RUN], response_model=RunPublic)
 def cancel_run(run_id: int, session: SessionDep):
     """Queued: cancelled at once. Starting or running: the worker stops the process (LLaMA-Factory
     saves the adapter first) and the run becomes cancelled."""
     return _api_action(session, run_id, service.cancel_run)
 
 
-@api_router.post("/runs/{run_id}/resume", response_model=RunPublic)
+@api_router.post("/runs/{run_id}/resume", dependencies=[OWNED_RUN], response_model=RunPublic)
 def resume_run(run_id: int, session: SessionDep):
     """A new attempt of a failed, cancelled or lost run from its latest complete checkpoint."""
     return _api_action(session, run_id, service.resume_run)
 
 
-@api_router.post("/runs/{run_id}/retry", response_model=RunPublic)
+@api_router.post("/runs/{run_id}/retry", dependencies=[OWNED_RUN], response_model=RunPublic)
 def retry_run(run_id: int, session: SessionDep):
     """A new attempt of a failed, cancelled or lost run, from scratch."""
     return _api_action(session, run_id, service.retry_run)
@@ -452,36 +431,27 @@ def run_again(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ):
     """A new run of the same frozen config."""
-    try:
-        run, created = service.run_again(session, run_id, idempotency_key=idempotency_key)
-    except service.RunError as error:
-        raise _http(error) from None
+    run, created = service.run_again(session, run_id, idempotency_key=idempotency_key)
     if not created:
         response.status_code = 200
     return _public(run)
 
 
-@api_router.delete("/runs/{run_id}", status_code=204)
+@api_router.delete("/runs/{run_id}", dependencies=[OWNED_RUN], status_code=204)
 def delete_run(run_id: int, session: SessionDep) -> Response:
     """Delete a finished run, its metrics, logs and files."""
-    try:
-        service.delete_run(session, run_id)
-    except service.RunError as error:
-        raise _http(error) from None
+    service.delete_run(session, run_id)
     return Response(status_code=204)
 
 
 @api_router.get("/runs/{run_id}/checkpoints")
 def run_checkpoints(run_id: int, session: SessionDep) -> list[dict[str, Any]]:
-    try:
-        return service.checkpoints_of(session, service.get_run(session, run_id))
-    except service.RunError as error:
-        raise _http(error) from None
+    return service.checkpoints_of(session, service.get_run(session, run_id))
 
 
 @api_router.get("/runs/{run_id}/artifacts")
 def run_artifacts(run_id: int, session: SessionDep) -> list[str]:
-    get_run(run_id, session)
+    service.get_run(session, run_id)
     return service.result_files_of(run_id)
 
 
@@ -503,39 +473,32 @@ def list_batch_probes(session: SessionDep) -> list[BatchProbe]:
 
 
 # --------------------------------------------------------------------------- the worker channel
-def _internal(call):
-    try:
-        return call()
-    except service.RunError as error:
-        raise _http(error) from None
-
-
 @internal_router.post("/runs/{run_id}/claim")
 def claim(run_id: int, payload: ClaimRequest, session: SessionDep) -> RunSpec:
-    return _internal(lambda: service.claim_run(session, run_id, payload))
+    return service.claim_run(session, run_id, payload)
 
 
 @internal_router.post("/runs/{run_id}/events")
 def events(run_id: int, payload: EventsRequest, session: SessionDep) -> EventsReply:
-    return EventsReply(cancel=_internal(lambda: service.record_events(session, run_id, payload)))
+    return EventsReply(cancel=service.record_events(session, run_id, payload))
 
 
 @internal_router.post("/runs/{run_id}/finish")
 def finish(run_id: int, payload: FinishRequest, session: SessionDep) -> dict[str, Any]:
-    _internal(lambda: service.finish_run(session, run_id, payload))
+    service.finish_run(session, run_id, payload)
     return {}
 
 
 @internal_router.post("/runs/{run_id}/probe")
 def probe_result(run_id: int, payload: ProbeReport, session: SessionDep) -> BatchChoice:
     """The micro-batch probe's measurements; the answer is the split to train with."""
-    return _internal(lambda: batching.record_probe(session, run_id, payload))
+    return batching.record_probe(session, run_id, payload)
 
 
 @internal_router.post("/runs/{run_id}/batch-fallback")
 def batch_fallback(run_id: int, payload: BatchFallback, session: SessionDep) -> dict[str, Any]:
     """The trainer ran out of memory in its first steps: it trains again one size smaller."""
-    _internal(lambda: batching.record_fallback(session, run_id, payload))
+    batching.record_fallback(session, run_id, payload)
     return {}
 
 
@@ -544,5 +507,5 @@ def upload_result_file(
     run_id: int, session: SessionDep,
     attempt: Annotated[int, Form()], name: Annotated[str, Form()], file: Annotated[UploadFile, File()],
 ) -> dict[str, Any]:
-    path = _internal(lambda: service.store_result_file(run_id, attempt, name, file.file, session))
+    path = service.store_result_file(run_id, attempt, name, file.file, session)
     return {"name": name, "size": path.stat().st_size}

@@ -1,12 +1,12 @@
 """Workers: the page with one card per worker, the JSON API and the workers' heartbeat."""
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from sqlmodel import select
 
 from app.db import SessionDep
 from app.models import Worker, WorkerPublic
 from app.services import workers as service
-from app.templating import render
+from app.templating import is_htmx, render
 from app.wire import Heartbeat, HeartbeatReply
 
 router = APIRouter(tags=["workers-pages"], include_in_schema=False)
@@ -18,13 +18,12 @@ internal_router = APIRouter()
 def workers_page(request: Request, session: SessionDep):
     """The whole page, or (to htmx polling) just the cards."""
     context = {"section": "workers", "views": service.worker_views(session)}
-    block = "cards" if request.headers.get("HX-Target") == "worker-cards" else None
-    return render(request, "workers/list.html", context, block=block)
+    return render(request, "workers/list.html", context, block="cards" if is_htmx(request) else None)
 
 
 @router.post("/workers/{worker_id}/doctor")
 def ask_doctor(request: Request, worker_id: str, session: SessionDep):
-    service.request_doctor(session, _get(session, worker_id))
+    service.request_doctor(session, service.get_worker(session, worker_id))
     context = {"section": "workers", "views": service.worker_views(session)}
     return render(request, "workers/list.html", context, block="cards")
 
@@ -36,23 +35,16 @@ def list_workers(session: SessionDep) -> list[WorkerPublic]:
 
 @api_router.get("/workers/{worker_id}", response_model=WorkerPublic)
 def get_worker(worker_id: str, session: SessionDep) -> WorkerPublic:
-    return service.public(_get(session, worker_id))
+    return service.public(service.get_worker(session, worker_id))
 
 
 @api_router.post("/workers/{worker_id}/doctor", status_code=202)
 def request_doctor(worker_id: str, session: SessionDep) -> dict[str, bool]:
     """Ask the worker for a fresh doctor report; it arrives with its next heartbeat."""
-    service.request_doctor(session, _get(session, worker_id))
+    service.request_doctor(session, service.get_worker(session, worker_id))
     return {"requested": True}
 
 
 @internal_router.post("/workers/heartbeat")
 def heartbeat(payload: Heartbeat, session: SessionDep) -> HeartbeatReply:
     return service.record_heartbeat(session, payload)
-
-
-def _get(session: SessionDep, worker_id: str) -> Worker:
-    worker = session.get(Worker, worker_id)
-    if worker is None:
-        raise HTTPException(404, f"no worker named {worker_id!r}")
-    return worker

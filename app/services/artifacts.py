@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from sqlmodel import Session, col, delete, select
 
+from app.errors import Conflict, DomainError, Invalid, NotFound, Unavailable
 from app.models import ArtifactFile, Run, RunArtifact, RunMetric
 from app.models.deployment import ACTIVE_STATUSES, Deployment
 from app.settings import get_settings
@@ -59,30 +60,25 @@ _SHA256 = re.compile(SHA256_PATTERN)
 _references = threading.Lock()
 
 
-class ArtifactError(Exception):
-    status_code = 400
-
-    def __init__(self, detail: str, **extra: Any) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        # More fields of the JSON refusal: an upload's state, the missing blobs.
-        self.extra = extra
+class ArtifactError(DomainError):
+    """A refused transfer or record; a refusal the worker acts on carries its upload state (`offset`,
+    `complete`) or the blobs it must upload first (`missing`) in `extra`."""
 
 
-class ArtifactNotFound(ArtifactError):
-    status_code = 404
+class ArtifactNotFound(ArtifactError, NotFound):
+    pass
 
 
-class ArtifactConflict(ArtifactError):
-    status_code = 409
+class ArtifactConflict(ArtifactError, Conflict):
+    pass
 
 
-class ArtifactInvalid(ArtifactError):
-    status_code = 422
+class ArtifactInvalid(ArtifactError, Invalid):
+    pass
 
 
-class ArtifactStoreUnavailable(ArtifactError):
-    status_code = 503
+class ArtifactStoreUnavailable(ArtifactError, Unavailable):
+    pass
 
 
 # --------------------------------------------------------------------------- the two stores
@@ -255,6 +251,14 @@ def blob_size(sha256: str) -> int | None:
     return get_store().size(sha256)
 
 
+def stored_blob_size(sha256: str) -> int:
+    """The length of a blob the store must hold (ArtifactNotFound otherwise)."""
+    size = blob_size(sha256)
+    if size is None:
+        raise ArtifactNotFound(f"blob {sha256} is not in the store")
+    return size
+
+
 def open_blob(sha256: str, start: int = 0) -> Any:
     """`with open_blob(sha) as blob:` a readable binary file of the blob from byte `start`."""
     return get_store().open(sha256, start)
@@ -297,8 +301,8 @@ def _lock_staging(sha256: str) -> BinaryIO:
     """The blob's staging file, opened for appending and locked for this upload alone."""
     staged = _lock_staged(_staging_path(sha256), create=True)
     if staged is None:
-        raise ArtifactConflict(
-            f"blob {sha256} is being uploaded by another request", **upload_state(sha256).model_dump()
+        raise ArtifactConflict(f"blob {sha256} is being uploaded by another request").with_extra(
+            **upload_state(sha256).model_dump()
         )
     return staged
 
@@ -360,8 +364,8 @@ async def receive_blob(sha256: str, offset: int, size: int, chunks: AsyncIterabl
             staged.truncate(0)
             current = 0
         if offset != current:
-            raise ArtifactConflict(f"blob {sha256} has {current} bytes staged, not {offset}",
-                                   offset=current, complete=False)
+            raise ArtifactConflict(f"blob {sha256} has {current} bytes staged, not {offset}").with_extra(
+                offset=current, complete=False)
         # Hashed as it streams in; a resumed upload is hashed from disk once complete.
         digest = hashlib.sha256() if current == 0 else None
         try:
@@ -428,8 +432,8 @@ def _lock_session(upload_id: str) -> BinaryIO:
     except FileNotFoundError:
         raise _session_gone(upload_id) from None
     if staged is None:
-        raise ArtifactConflict(f"upload {upload_id} is being written by another request",
-                               **session_state(upload_id).model_dump())
+        raise ArtifactConflict(f"upload {upload_id} is being written by another request").with_extra(
+            **session_state(upload_id).model_dump())
     return staged
 
 
@@ -459,8 +463,8 @@ async def receive_session(upload_id: str, offset: int, chunks: AsyncIterable[byt
     with await asyncio.to_thread(_lock_session, upload_id) as staged:
         current = os.fstat(staged.fileno()).st_size
         if offset != current:
-            raise ArtifactConflict(f"upload {upload_id} has {current} bytes staged, not {offset}",
-                                   offset=current, complete=False)
+            raise ArtifactConflict(f"upload {upload_id} has {current} bytes staged, not {offset}").with_extra(
+                offset=current, complete=False)
         digest = await asyncio.to_thread(_session_digest, upload_id, current)
         try:
             received = await _append_stream(staged, digest, chunks, current, size)
@@ -479,8 +483,8 @@ def commit_session(upload_id: str, sha256: str) -> UploadState:
     with _lock_session(upload_id) as staged:
         current = os.fstat(staged.fileno()).st_size
         if current != size:
-            raise ArtifactConflict(f"upload {upload_id} has {current} of its {size} bytes staged",
-                                   offset=current, complete=False)
+            raise ArtifactConflict(f"upload {upload_id} has {current} of its {size} bytes staged").with_extra(
+                offset=current, complete=False)
         if store.size(sha256) is None:
             actual = _session_digest(upload_id, current).hash.hexdigest()
             if actual != sha256:
@@ -546,7 +550,8 @@ def record_artifact(session: Session, run_id: int, record: ArtifactRecord) -> Ru
         store = get_store()
         missing = sorted({entry.sha256 for entry in manifest.files if store.size(entry.sha256) is None})
         if missing:
-            raise ArtifactConflict(f"blobs not in the store (upload them first): {', '.join(missing)}", missing=missing)
+            raise ArtifactConflict(f"blobs not in the store (upload them first): {', '.join(missing)}").with_extra(
+                missing=missing)
         if existing is not None:
             freed = _blobs_of(session, [existing.id])
             session.exec(delete(RunArtifact).where(col(RunArtifact.id) == existing.id))

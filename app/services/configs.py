@@ -21,6 +21,7 @@ import yaml
 from sqlmodel import Field, Session, SQLModel, select
 
 from app.db import get_engine
+from app.errors import Invalid, NotFound
 from app.models import Dataset, ModelEntry, Run, TrainConfig
 from app.security import PANEL_OWNED_KEYS, PathNotAllowed, confine
 from app.services import batching
@@ -55,13 +56,24 @@ MAX_YAML_VALUES = 10_000  # nodes that aliases and merge keys repeat
 CPU_BF16_NOTICE = "bf16 needs a GPU; the run will use fp32 on CPU (gpus: 0)."
 
 
-class ConfigError(ValueError):
-    """Input that is refused: messages by field (None: about the config as a whole)."""
+class ConfigError(Invalid):
+    """Input that is refused. `errors`: its messages by field (None: about the config as a whole),
+    which the JSON answer lists too, as `errors: [{field, message}]`."""
 
-    def __init__(self, errors: dict[str | None, str], status_code: int = 422) -> None:
-        super().__init__("; ".join(f"{k}: {v}" if k else v for k, v in errors.items()))
+    def __init__(self, detail: str, *, field: str | None = None, status_code: int | None = None) -> None:
+        super().__init__(detail, field=field, status_code=status_code)
+        self._list({field: detail})
+
+    @classmethod
+    def by_field(cls, errors: dict[str | None, str]) -> ConfigError:
+        """A refusal of several fields at once (the panel's checks of a whole config)."""
+        error = cls("; ".join(f"{k}: {v}" if k else v for k, v in errors.items()))
+        error._list(errors)
+        return error
+
+    def _list(self, errors: dict[str | None, str]) -> None:
         self.errors = errors
-        self.status_code = status_code
+        self.with_extra(errors=[{"field": k, "message": v} for k, v in errors.items()])
 
 
 class TrainConfigInput(SQLModel):
@@ -172,8 +184,10 @@ def _is_text(value: Any) -> bool:
 def form_to_input(form: dict[str, Any], advanced: dict[str, Any]) -> TrainConfigInput:
     """The config form's fields (strings; unchecked boxes absent) plus its "advanced" YAML lines."""
     params: dict[str, Any] = {}
+    stage, finetuning_type = form.get("stage"), form.get("finetuning_type")
     for param in catalogue.PARAMS:
-        if not param.in_form:
+        # A field of another stage or type is hidden in the form: what it still holds is not sent on.
+        if not param.in_form or not param.applies(stage, finetuning_type):
             continue
         raw = form.get(param.name)
         if param.type is bool:
@@ -308,6 +322,7 @@ def check(session: Session, data: TrainConfigInput, *, for_run: bool = False,
         (result.error if for_run else result.warn)("dataset_ids", "choose at least one dataset")
     if data.gpus < 0:
         result.error("gpus", "gpus must be 0 (CPU) or more")
+    _check_stage(params, datasets, result, for_run=for_run)
 
     for key in ("learning_rate", "num_train_epochs", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "per_device_eval_batch_size", "cutoff_len",
@@ -369,6 +384,47 @@ def check(session: Session, data: TrainConfigInput, *, for_run: bool = False,
     return params, result
 
 
+def _check_stage(params: dict[str, Any], datasets: list[Dataset], result: CheckResult, *, for_run: bool) -> None:
+    """The stage decides which datasets fit; parameters of another stage or fine-tuning type are said
+    to be ignored; what a panel run cannot do is refused."""
+    stage = params.get("stage") or "sft"
+    finetuning_type = params.get("finetuning_type") or "lora"
+    if stage in catalogue.STAGE_NOT_OFFERED:
+        result.error("stage", f"stage {stage} is not offered: {catalogue.STAGE_NOT_OFFERED[stage]}")
+        return
+    if stage not in catalogue.STAGE_DATASET_KINDS:
+        result.error("stage", f"unknown stage {stage!r}: one of {', '.join(catalogue.STAGES)}")
+        return
+    unfit = [d for d in datasets if d.kind not in catalogue.STAGE_DATASET_KINDS[stage]]
+    if unfit:
+        result.error("dataset_ids", catalogue.dataset_misfit(stage, unfit[0].name, unfit[0].kind))
+    pref_loss = params.get("pref_loss")
+    if pref_loss is not None and pref_loss not in catalogue.PREF_LOSSES:
+        result.error("pref_loss", f"pref_loss must be one of {', '.join(catalogue.PREF_LOSSES)}")
+    for key, value in params.items():
+        param = catalogue.BY_NAME.get(key)
+        if param is None or value is None or param.applies(stage, finetuning_type):
+            continue
+        where = (f"stage {'/'.join(param.stages)}" if param.stages and stage not in param.stages
+                 else f"finetuning_type {'/'.join(param.types)}")
+        result.warn(key, f"{key} applies to {where} only: this {stage} {finetuning_type} config ignores it")
+    if params.get("deepspeed") and for_run:
+        result.error("deepspeed", "a panel run cannot use DeepSpeed: pip's llamafactory ships no examples/deepspeed"
+                                  " configs and the training environment has no deepspeed package. Remove it"
+                                  " (the exported YAML keeps it for your own LLaMA-Factory checkout)")
+
+
+def run_refusal(config: TrainConfig, datasets: list[Dataset], gpus: int) -> str | None:
+    """What keeps a run of this config on `gpus` GPUs from starting, checked again at the start (a
+    config saved before these checks, or a run asking for fewer GPUs than its config): its stage
+    against its datasets' kinds, QLoRA on the CPU. None: nothing."""
+    result = CheckResult()
+    _check_stage(config.params, datasets, result, for_run=True)
+    if gpus == 0 and config.params.get("quantization_bit") is not None:
+        result.error("quantization_bit", "QLoRA (bitsandbytes) needs a GPU: this run would train on the CPU")
+    return "; ".join(result.errors.values()) or None
+
+
 # --------------------------------------------------------------------------- create / update
 
 
@@ -376,8 +432,11 @@ def list_configs(session: Session) -> list[TrainConfig]:
     return list(session.exec(select(TrainConfig).order_by(TrainConfig.id.desc())))
 
 
-def get_config(session: Session, config_id: int) -> TrainConfig | None:
-    return session.get(TrainConfig, config_id)
+def get_config(session: Session, config_id: int) -> TrainConfig:
+    config = session.get(TrainConfig, config_id)
+    if config is None:
+        raise NotFound(f"config {config_id} not found")
+    return config
 
 
 def to_input(config: TrainConfig) -> TrainConfigInput:
@@ -389,7 +448,7 @@ def to_input(config: TrainConfig) -> TrainConfigInput:
 def create_config(session: Session, data: TrainConfigInput, *, parent: TrainConfig | None = None) -> TrainConfig:
     params, result = check(session, data)
     if result.errors:
-        raise ConfigError(result.errors)
+        raise ConfigError.by_field(result.errors)
     config = TrainConfig(
         name=data.name.strip(), description=data.description, model_id=data.model_id,
         dataset_ids=list(data.dataset_ids), gpus=data.gpus, params=params, auto_batch=data.auto_batch,
@@ -408,7 +467,7 @@ def update_config(session: Session, config: TrainConfig, data: TrainConfigInput)
     imported_model = config.params.get("model_name_or_path") if config.model_id is None else None
     params, result = check(session, data, imported_model=imported_model)
     if result.errors:
-        raise ConfigError(result.errors)
+        raise ConfigError.by_field(result.errors)
     config.name, config.description = data.name.strip(), data.description
     config.model_id, config.dataset_ids, config.gpus = data.model_id, list(data.dataset_ids), data.gpus
     config.params, config.auto_batch = params, data.auto_batch
@@ -421,7 +480,7 @@ def update_config(session: Session, config: TrainConfig, data: TrainConfigInput)
 def delete_config(session: Session, config: TrainConfig) -> None:
     used = session.exec(select(Run.id).where(Run.config_id == config.id)).first()
     if used is not None:
-        raise ConfigError({None: f"run {used} uses this config: it is kept for the run's record"}, 409)
+        raise ConfigError(f"run {used} uses this config: it is kept for the run's record", status_code=409)
     for child in session.exec(select(TrainConfig).where(TrainConfig.parent_id == config.id)):
         child.parent_id = config.parent_id
         session.add(child)
@@ -455,6 +514,10 @@ def run_blockers(session: Session, config: TrainConfig) -> list[str]:
         blockers.append(f"Its datasets {', '.join(gone)} no longer exist.")
     if not config.dataset_ids and not unresolved:
         blockers.append("No dataset is chosen.")
+    datasets = [dataset for i in config.dataset_ids if (dataset := session.get(Dataset, i)) is not None]
+    refusal = run_refusal(config, datasets, config.gpus)
+    if refusal:
+        blockers.append(refusal[0].upper() + refusal[1:] + ".")
     return blockers
 
 
@@ -618,7 +681,7 @@ _PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{name}" for name in ("str", "int", "
 
 def _yaml_refusal(mark: yaml.Mark | None, problem: str) -> ConfigError:
     where = f"line {mark.line + 1}: " if mark is not None else ""
-    return ConfigError({"yaml": where + problem})
+    return ConfigError(where + problem, field="yaml")
 
 
 def _refuse_unplain_nodes(root: yaml.Node) -> None:
@@ -671,22 +734,24 @@ def _yaml_problem(error: yaml.YAMLError, text: str) -> str:
 def decode_yaml(raw: bytes) -> str:
     """An uploaded YAML file's text: UTF-8 (a byte order mark is dropped); anything else is refused."""
     if len(raw) > MAX_YAML_BYTES:
-        raise ConfigError({"yaml": f"the file is {len(raw)} bytes, over the limit of {MAX_YAML_BYTES}"}, 413)
+        raise ConfigError(f"the file is {len(raw)} bytes, over the limit of {MAX_YAML_BYTES}", field="yaml",
+                          status_code=413)
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:4]:
-        raise ConfigError({"yaml": "the file is UTF-16 or UTF-32 encoded: save it as UTF-8"})
+        raise ConfigError("the file is UTF-16 or UTF-32 encoded: save it as UTF-8", field="yaml")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
-        raise ConfigError({"yaml": f"line {line}: invalid UTF-8 at byte {error.start} (byte"
-                                   f" 0x{raw[error.start]:02X}): save the file as UTF-8"}) from None
+        raise ConfigError(f"line {line}: invalid UTF-8 at byte {error.start} (byte 0x{raw[error.start]:02X}):"
+                          " save the file as UTF-8", field="yaml") from None
 
 
 def parse_yaml_mapping(text: str) -> dict[str, Any]:
     """A YAML mapping of plain values (bounded in size, nesting and alias expansion); ConfigError with
     the line otherwise."""
     if len(text) > MAX_YAML_BYTES:
-        raise ConfigError({"yaml": f"the YAML is {len(text)} characters, over the limit of {MAX_YAML_BYTES}"}, 413)
+        raise ConfigError(f"the YAML is {len(text)} characters, over the limit of {MAX_YAML_BYTES}", field="yaml",
+                          status_code=413)
     loader = None
     try:
         loader = _ConfigLoader(text)  # its reader refuses NULs and lone surrogates at once
@@ -695,13 +760,13 @@ def parse_yaml_mapping(text: str) -> dict[str, Any]:
             _refuse_unplain_nodes(root)
         loaded = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as error:
-        raise ConfigError({"yaml": f"not valid YAML: {_yaml_problem(error, text)}"}) from None
+        raise ConfigError(f"not valid YAML: {_yaml_problem(error, text)}", field="yaml") from None
     finally:
         if loader is not None:
             loader.dispose()
     if not isinstance(loaded, dict):
         kind = "empty" if loaded is None else type(loaded).__name__
-        raise ConfigError({"yaml": f"a LLaMA-Factory config is a mapping of key: value lines, not {kind}"})
+        raise ConfigError(f"a LLaMA-Factory config is a mapping of key: value lines, not {kind}", field="yaml")
     return {str(k): v for k, v in loaded.items()}
 
 
@@ -792,14 +857,14 @@ def import_config(session: Session, text: str | bytes, *, name: str = "") -> tup
     reference = data.params.get("model_name_or_path")
     params, result = check(session, data, imported_model=reference)
     if result.errors:
-        raise ConfigError(result.errors)
+        raise ConfigError.by_field(result.errors)
     if reference is not None:
         data.model_id = _resolve_model_reference(session, reference, imported.notices)
         if data.model_id is not None:
             del data.params["model_name_or_path"]
             params, result = check(session, data)
             if result.errors:
-                raise ConfigError(result.errors)
+                raise ConfigError.by_field(result.errors)
     config = TrainConfig(name=data.name, model_id=data.model_id, dataset_ids=data.dataset_ids, gpus=data.gpus,
                          params=params)
     session.add(config)

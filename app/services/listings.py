@@ -38,6 +38,7 @@ class ConfigRow:
     dataset_count: int
     # The registered model's name, or the hub id / path an imported YAML named.
     model: str | None
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class RunRow:
     dispatched_worker_id: str | None
     # The last logged train loss (all_results.json's train_loss is wrong after a resume).
     last_loss: float | None
+    owner: str | None = None
 
 
 def config_choices(session: Session) -> list[ConfigChoice]:
@@ -66,45 +68,49 @@ def config_choices(session: Session) -> list[ConfigChoice]:
     return [ConfigChoice(*row) for row in rows]
 
 
-def config_rows(session: Session) -> list[ConfigRow]:
-    rows = session.exec(
+def config_rows(session: Session, owner_id: int | None = None) -> list[ConfigRow]:
+    query = (
         select(
             TrainConfig.id, TrainConfig.name, TrainConfig.version, TrainConfig.frozen, TrainConfig.gpus,
             TrainConfig.created_at, func.json_array_length(TrainConfig.dataset_ids),
             func.coalesce(ModelEntry.name, func.json_extract(TrainConfig.params, "$.model_name_or_path")),
+            TrainConfig.owner,
         )
         .outerjoin(ModelEntry, col(ModelEntry.id) == col(TrainConfig.model_id))
         .order_by(col(TrainConfig.id).desc())
-    ).all()
-    return [ConfigRow(*row) for row in rows]
+    )
+    if owner_id is not None:
+        query = query.where(TrainConfig.owner_id == owner_id)
+    return [ConfigRow(*row) for row in session.exec(query).all()]
 
 
-def _run_rows_query():
+def _run_rows_query(owner_id: int | None = None):
     last_loss = (
         select(RunMetric.loss)
         .where(RunMetric.run_id == Run.id, col(RunMetric.loss).is_not(None))
         .order_by(col(RunMetric.step).desc()).limit(1)
         .scalar_subquery()
     )
-    return select(
+    query = select(
         Run.id, Run.name, Run.status, Run.attempt, Run.cancel_requested, Run.current_step, Run.total_steps,
-        Run.percentage, Run.created_at, Run.priority, Run.dispatched_worker_id, last_loss,
+        Run.percentage, Run.created_at, Run.priority, Run.dispatched_worker_id, last_loss, Run.owner,
     )
+    return query if owner_id is None else query.where(Run.owner_id == owner_id)
 
 
 def _run_row(row) -> RunRow:
-    run_id, name, status, attempt, cancel, step, total, percentage, created_at, priority, dispatched, loss = row
+    run_id, name, status, attempt, cancel, step, total, percentage, created_at, priority, dispatched, loss, owner = row
     return RunRow(run_id, name, RunStatus(status), attempt, cancel, step, total, percentage, created_at,
-                  RunPriority(priority), dispatched, loss)
+                  RunPriority(priority), dispatched, loss, owner)
 
 
-def run_rows(session: Session, *, limit: int = RUN_ROWS_LIMIT) -> list[RunRow]:
-    """The newest runs, as the runs table shows them."""
-    rows = session.exec(_run_rows_query().order_by(col(Run.id).desc()).limit(limit)).all()
+def run_rows(session: Session, *, limit: int = RUN_ROWS_LIMIT, owner_id: int | None = None) -> list[RunRow]:
+    """The newest runs (of `owner_id`, if given), as the runs table shows them."""
+    rows = session.exec(_run_rows_query(owner_id).order_by(col(Run.id).desc()).limit(limit)).all()
     return [_run_row(row) for row in rows]
 
 
-def run_rows_changed(session: Session, after_event: int) -> tuple[list[RunRow], int]:
+def run_rows_changed(session: Session, after_event: int, owner_id: int | None = None) -> tuple[list[RunRow], int]:
     """The rows of the runs that have an event after `after_event` (status, progress, a metric:
     what the table shows), and the newest event id, the next call's cursor."""
     cursor = latest_event_id(session)
@@ -113,7 +119,7 @@ def run_rows_changed(session: Session, after_event: int) -> tuple[list[RunRow], 
     changed = select(RunEvent.run_id).where(RunEvent.id > after_event, RunEvent.id <= cursor).distinct()
     # The table shows the newest runs only: an old cursor never brings back the whole history.
     rows = session.exec(
-        _run_rows_query().where(col(Run.id).in_(changed)).order_by(col(Run.id).desc()).limit(RUN_ROWS_LIMIT)
+        _run_rows_query(owner_id).where(col(Run.id).in_(changed)).order_by(col(Run.id).desc()).limit(RUN_ROWS_LIMIT)
     ).all()
     return [_run_row(row) for row in rows], cursor
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlmodel import Session, select
 
+from app.errors import DomainError, NotFound
 from app.models import ModelEntry, TrainConfig
 from app.security import PathNotAllowed, confine
 from app.services.llamafactory_params import BASE_TEMPLATES
@@ -25,13 +26,8 @@ _SCAN_DEPTH = 3  # root/model, root/org/model, root/org/family/model
 _INSTRUCT_NAME = re.compile(r"(instruct|chat|[-_]it\b|[-_]it[-_]|distill|\bsft\b|\brlhf\b)", re.IGNORECASE)
 
 
-class ModelError(ValueError):
-    """A model that cannot be registered; `field` names the form field the message belongs to."""
-
-    def __init__(self, message: str, field: str = "path", status_code: int = 400) -> None:
-        super().__init__(message)
-        self.field = field
-        self.status_code = status_code
+class ModelError(DomainError):
+    """A model that cannot be registered or removed; `field` names the form field at fault."""
 
 
 @dataclass
@@ -55,11 +51,11 @@ def confine_model_path(path: str) -> Path:
         confine(path, model_roots())  # "outside the allowed folders" first, even for a missing path
         folder = confine(path, model_roots(), must_exist=True)
     except PathNotAllowed as error:
-        raise ModelError(str(error)) from None
+        raise ModelError(str(error), field="path") from None
     if not folder.is_dir():
-        raise ModelError(f"{path} is not a folder")
+        raise ModelError(f"{path} is not a folder", field="path")
     if not (folder / "config.json").is_file():
-        raise ModelError(f"{path} has no config.json: not a Hugging Face model folder")
+        raise ModelError(f"{path} has no config.json: not a Hugging Face model folder", field="path")
     return folder
 
 
@@ -175,15 +171,15 @@ def describe(folder: Path) -> ModelInfo:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise ModelError(f"{folder.name}/config.json is not readable JSON: {error}") from None
+        raise ModelError(f"{folder.name}/config.json is not readable JSON: {error}", field="path") from None
     if not isinstance(config, dict):
-        raise ModelError(f"{folder.name}/config.json is not a JSON object")
+        raise ModelError(f"{folder.name}/config.json is not a JSON object", field="path")
     param_count, dtype = 0, ""
     for file in sorted(folder.glob("*.safetensors")):
         try:
             count, file_dtype = safetensors_param_count(file)
         except (OSError, ValueError, KeyError, struct.error) as error:
-            raise ModelError(f"{file.name} is not a valid safetensors file: {error}") from None
+            raise ModelError(f"{file.name} is not a valid safetensors file: {error}", field="path") from None
         param_count += count
         dtype = dtype or _SAFETENSORS_DTYPES.get(file_dtype, file_dtype.lower())
     if not param_count:
@@ -219,8 +215,11 @@ def list_models(session: Session) -> list[ModelEntry]:
     return list(session.exec(select(ModelEntry).order_by(ModelEntry.name)))
 
 
-def get_model(session: Session, model_id: int) -> ModelEntry | None:
-    return session.get(ModelEntry, model_id)
+def get_model(session: Session, model_id: int) -> ModelEntry:
+    entry = session.get(ModelEntry, model_id)
+    if entry is None:
+        raise NotFound(f"model {model_id} not found")
+    return entry
 
 
 def _apply(entry: ModelEntry, info: ModelInfo) -> None:
@@ -237,7 +236,7 @@ def add_model(session: Session, path: str, name: str | None = None) -> ModelEntr
     folder = confine_model_path(path)
     existing = session.exec(select(ModelEntry).where(ModelEntry.path == str(folder))).first()
     if existing is not None:
-        raise ModelError(f"{folder} is already registered as {existing.name!r}", status_code=409)
+        raise ModelError(f"{folder} is already registered as {existing.name!r}", field="path", status_code=409)
     name = (name or "").strip() or folder.name
     if session.exec(select(ModelEntry).where(ModelEntry.name == name)).first() is not None:
         raise ModelError(f"a model named {name!r} exists already: choose another name", field="name",

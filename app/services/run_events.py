@@ -19,17 +19,21 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
-from sqlalchemy import func
+from sqlalchemy import and_, func
 from sqlmodel import Session, select
 
 from app.db import get_engine
-from app.models.run import RunEvent
+from app.models.run import RunEvent, RunMetric
+from app.wire import MetricPoint
 
 log = logging.getLogger(__name__)
 
 # Events kept in memory per watched run; older cursors replay from the database.
 BUFFER_SIZE = 2000
 REPLAY_PAGE = 1000
+# A metric event's point, as RunMetric holds it (step first: None where no point matched).
+POINT_FIELDS = tuple(MetricPoint.model_fields)
+POINT_COLUMNS = tuple(getattr(RunMetric, name) for name in POINT_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,14 +44,22 @@ class StreamedEvent:
 
 
 def fetch_events(run_id: int, after: int, limit: int = REPLAY_PAGE) -> list[StreamedEvent]:
+    """A metric event names its step and carries the point as RunMetric holds it now (the one
+    record of a run's metrics; a step merged since is sent merged). A point deleted by a retry
+    from scratch leaves its step alone: the retry's `reset` status event follows it."""
     with Session(get_engine()) as session:
         rows = session.exec(
-            select(RunEvent)
+            select(RunEvent.id, RunEvent.kind, RunEvent.data, *POINT_COLUMNS)
+            .outerjoin(RunMetric, and_(
+                RunEvent.kind == "metric", RunMetric.run_id == RunEvent.run_id,
+                RunMetric.step == RunEvent.data["step"].as_integer(),
+            ))
             .where(RunEvent.run_id == run_id, RunEvent.id > after)
             .order_by(RunEvent.id)
             .limit(limit)
         ).all()
-    return [StreamedEvent(row.id, row.kind, json.dumps(row.data)) for row in rows]
+    return [StreamedEvent(event_id, kind, json.dumps(data if point[0] is None else dict(zip(POINT_FIELDS, point))))
+            for event_id, kind, data, *point in rows]
 
 
 def latest_event_id(run_id: int) -> int:

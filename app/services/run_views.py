@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from sqlmodel import Session, col, select
 
-from app.models import Run, RunLogLine, RunMetric, RunStatus
+from app.models import Run, RunEvent, RunMetric, RunStatus
 from app.services import runs as run_service
 from app.wire import METRIC_FIELDS, checkpoint_step
 
@@ -148,17 +148,17 @@ def log_text(session: Session, run_id: int) -> Iterator[str]:
     after, attempt = 0, None
     while True:
         lines = session.exec(
-            select(RunLogLine.id, RunLogLine.attempt, RunLogLine.line)
-            .where(RunLogLine.run_id == run_id, RunLogLine.id > after)
-            .order_by(col(RunLogLine.id)).limit(LOG_PAGE)
+            select(RunEvent.id, RunEvent.data)
+            .where(RunEvent.run_id == run_id, RunEvent.kind == "log", RunEvent.id > after)
+            .order_by(col(RunEvent.id)).limit(LOG_PAGE)
         ).all()
         if not lines:
             return
         page = []
-        for _id, line_attempt, line in lines:
-            if line_attempt != attempt and line_attempt > 1:
-                page.append(f"----- attempt {line_attempt} -----\n")
-            attempt = line_attempt
-            page.append(f"{line}\n")
+        for _id, line in lines:
+            if line["attempt"] != attempt and line["attempt"] > 1:
+                page.append(f"----- attempt {line['attempt']} -----\n")
+            attempt = line["attempt"]
+            page.append(f"{line['line']}\n")
         yield "".join(page)
         after = lines[-1][0]

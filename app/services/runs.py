@@ -24,12 +24,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, func, select
 
+from app.errors import Conflict, DomainError, NotFound
 from app.models import Dataset, Deployment, ModelEntry, Run, RunEvent, RunLogLine, RunMetric, RunStatus, TrainConfig
 from app.models.base import as_utc, utcnow
 from app.models.run import RunPriority
 from app.services import artifacts as artifact_service
 from app.services import batching
 from app.services import configs as config_service
+from app.services import webhooks
 from app.services.broker import kick_scheduler, send_to_workers
 from app.services.datasets import dataset_info_for, run_file_name
 from app.services.run_events import hub
@@ -73,24 +75,20 @@ RESTARTABLE = (S.failed, S.cancelled, S.lost)
 REASON_MAX_CHARS = 8000
 
 
-class RunError(Exception):
-    status_code = 400
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
+class RunError(DomainError):
+    """A refused run action (400 unless a kind below says otherwise)."""
 
 
-class RunNotFound(RunError):
-    status_code = 404
+class RunNotFound(RunError, NotFound):
+    pass
 
 
-class RunConflict(RunError):
-    status_code = 409
+class RunConflict(RunError, Conflict):
+    pass
 
 
-class IllegalTransition(RunError):
-    status_code = 409
+class IllegalTransition(RunError, Conflict):
+    pass
 
 
 # --------------------------------------------------------------------------- the state machine
@@ -124,6 +122,7 @@ def _transition(
         session.rollback()
         return False
     _event(session, run_id, "status", {"status": to.value, **(event or {})})
+    webhooks.enqueue_run_event(session, run_id, to.value)  # committed with the change: never lost
     session.commit()
     hub.notify(run_id)
     return True
@@ -134,11 +133,6 @@ def _update_run(*conditions: Any) -> Any:
     return update(Run).where(*conditions).execution_options(synchronize_session=False)
 
 
-def transition(session: Session, run_id: int, to: RunStatus, **kwargs: Any) -> bool:
-    """The public form of the state machine (used by the tests and the lost-run sweep)."""
-    return _transition(session, run_id, to, **kwargs)
-
-
 def get_run(session: Session, run_id: int) -> Run:
     run = session.get(Run, run_id)
     if run is None:
@@ -147,10 +141,13 @@ def get_run(session: Session, run_id: int) -> Run:
     return run
 
 
-def list_runs(session: Session, *, status: RunStatus | None = None, limit: int = 200) -> list[Run]:
+def list_runs(session: Session, *, status: RunStatus | None = None, limit: int = 200,
+              owner_id: int | None = None) -> list[Run]:
     query = select(Run).order_by(col(Run.id).desc()).limit(limit)
     if status is not None:
         query = query.where(Run.status == status)
+    if owner_id is not None:
+        query = query.where(Run.owner_id == owner_id)
     return list(session.exec(query).all())
 
 
@@ -217,6 +214,9 @@ def start_run(
     problem = gpu_capacity_problem(session, gpus)
     if problem:
         raise RunError(f"this run {problem}")
+    refusal = config_service.run_refusal(config, datasets, gpus)
+    if refusal:
+        raise RunError(refusal)
 
     config_service.freeze(session, config)
     train_yaml = config_service.render_train_yaml(
@@ -484,12 +484,8 @@ def fail_run(session: Session, run: Run, reason: str) -> bool:
     )
 
 
-def _metric_public(metric: RunMetric) -> dict[str, Any]:
-    return {"step": metric.step, **{name: getattr(metric, name) for name in METRIC_FIELDS}}
-
-
-def _upsert_metric(session: Session, run: Run, report: MetricPoint) -> dict[str, Any] | None:
-    """Merge one reported point into the run's point of that step; the changed point, or None."""
+def _upsert_metric(session: Session, run: Run, report: MetricPoint) -> bool:
+    """Merge one reported point into the run's point of that step; whether it changed."""
     metric = session.exec(
         select(RunMetric).where(RunMetric.run_id == run.id, RunMetric.step == report.step)
     ).first()
@@ -507,7 +503,7 @@ def _upsert_metric(session: Session, run: Run, report: MetricPoint) -> dict[str,
             setattr(metric, name, value)
             changed = True
     session.add(metric)
-    return _metric_public(metric) if changed else None
+    return changed
 
 
 def record_events(session: Session, run_id: int, report: EventsRequest) -> bool:
@@ -546,17 +542,17 @@ def record_events(session: Session, run_id: int, report: EventsRequest) -> bool:
         _event(session, run_id, "progress", progress_event)
 
     for point in sorted(report.metrics, key=lambda m: m.step):
-        changed = _upsert_metric(session, run, point)
-        if changed is not None:
-            _event(session, run_id, "metric", changed)
-    for line in report.logs:
-        inserted = session.exec(
-            sqlite_insert(RunLogLine)
-            .values(run_id=run_id, attempt=report.attempt, source=line.source, offset=line.offset, line=line.line)
+        if _upsert_metric(session, run, point):
+            # The event names the step; the stream sends the point as RunMetric holds it.
+            _event(session, run_id, "metric", {"step": point.step})
+    for line in report.logs:  # a line already stored (a re-sent report) is skipped by its key
+        session.exec(
+            sqlite_insert(RunEvent)
+            .values(run_id=run_id, kind="log", created_at=utcnow(),
+                    log_key=RunEvent.log_key_of(report.attempt, line.source, line.offset),
+                    data={"attempt": report.attempt, "source": line.source, "offset": line.offset, "line": line.line})
             .on_conflict_do_nothing()
         )
-        if inserted.rowcount == 1:
-            _event(session, run_id, "log", {"attempt": report.attempt, "source": line.source, "line": line.line})
     session.commit()
     hub.notify(run_id)
     session.refresh(run)
@@ -664,7 +660,7 @@ def _mark_lost(session: Session, run: Run, reason: str, now: datetime, *, extra_
 # --------------------------------------------------------------------------- dashboard data
 def metrics_of(session: Session, run_id: int) -> list[dict[str, Any]]:
     rows = session.exec(select(RunMetric).where(RunMetric.run_id == run_id).order_by(RunMetric.step)).all()
-    return [_metric_public(m) for m in rows]
+    return [m.point() for m in rows]
 
 
 def log_tail(session: Session, run_id: int, *, upto_event: int, limit: int = 500) -> list[dict[str, Any]]:
@@ -677,10 +673,11 @@ def log_tail(session: Session, run_id: int, *, upto_event: int, limit: int = 500
 
 
 def log_lines(session: Session, run_id: int, *, after_id: int = 0, limit: int = 1000) -> list[RunLogLine]:
-    return list(session.exec(
-        select(RunLogLine).where(RunLogLine.run_id == run_id, RunLogLine.id > after_id)
-        .order_by(RunLogLine.id).limit(limit)
-    ).all())
+    events = session.exec(
+        select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.kind == "log", RunEvent.id > after_id)
+        .order_by(RunEvent.id).limit(limit)
+    ).all()
+    return [RunLogLine.of(event) for event in events]
 
 
 def event_cursor(session: Session, run_id: int) -> int:

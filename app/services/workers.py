@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 from sqlmodel import Session, col, select
 
+from app.errors import NotFound
 from app.models import ModelEntry, Run, RunStatus, Worker, WorkerPublic
 from app.models.base import as_utc, utcnow
 from app.services.broker import kick_scheduler
@@ -71,6 +72,13 @@ def is_online(worker: Worker, now: datetime | None = None) -> bool:
     last_seen = as_utc(worker.last_seen_at)
     timeout = timedelta(seconds=get_settings().heartbeat_timeout_s)
     return worker.stopped_at is None and last_seen is not None and now - last_seen <= timeout
+
+
+def get_worker(session: Session, worker_id: str) -> Worker:
+    worker = session.get(Worker, worker_id)
+    if worker is None:
+        raise NotFound(f"no worker named {worker_id!r}")
+    return worker
 
 
 def request_doctor(session: Session, worker: Worker) -> None:
