@@ -69,7 +69,6 @@ def _refuse(reason: str) -> NoReturn:
     raise Forbidden(reason)
 
 
-
 @event.listens_for(OrmSession, "before_flush")
 def _stamp_owner(session: OrmSession, _flush_context: Any, _instances: Any) -> None:
     """A row with an `owner_id` that a user's request creates is theirs: every create path
