@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import true, update
 from sqlmodel import Session, col, select
 
-from app.errors import DomainError
+from app.errors import Conflict, DomainError, NotFound
 from app.models.base import utcnow
 from app.models.deployment import (
     ACTIVE_STATUSES,
@@ -84,10 +84,15 @@ SERVER_LOG_TAIL_CHARS = 8000
 
 
 class DeploymentError(DomainError):
-    """A refused deploy, undeploy or serve (a 400 unless `status_code` says otherwise)."""
+    """A refused deploy, undeploy or serve (a 400 unless a kind below)."""
 
-    def __init__(self, detail: str, status_code: int | None = None, field: str | None = None) -> None:
-        super().__init__(detail, field=field, status_code=status_code)
+
+class DeploymentNotFound(DeploymentError, NotFound):
+    pass
+
+
+class DeploymentConflict(DeploymentError, Conflict):
+    pass
 
 
 # ------------------------------------------------------------------ adapter preflight
@@ -220,15 +225,15 @@ def adapter_manifest_for(session: Session, run: Run, checkpoint: str | None) -> 
     checkpoints in the artifact store."""
     status = RunStatus(run.status)
     if status.is_active():
-        raise DeploymentError(
-            f"run {run.id} is {status.value}: deploy it once it has succeeded", 409, field="run_id"
+        raise DeploymentConflict(
+            f"run {run.id} is {status.value}: deploy it once it has succeeded", field="run_id"
         )
     stored = {a.name for a in artifact_service.list_artifacts(session, run.id)}
     if checkpoint is None:
         if status != RunStatus.succeeded or ADAPTER_ARTIFACT not in stored:
-            raise DeploymentError(
+            raise DeploymentConflict(
                 f"run {run.id} {status.value} without a stored final adapter; pick one of its checkpoints "
-                "instead", 409, field="run_id",
+                "instead", field="run_id",
             )
         return artifact_service.get_manifest(session, run.id, ADAPTER_ARTIFACT)
     if checkpoint not in stored:
@@ -246,7 +251,7 @@ def _panel_copy(manifest: ArtifactManifest) -> Path:
         try:
             artifact_service.materialize(manifest, folder)
         except artifact_service.ArtifactError as error:
-            raise DeploymentError(f"the adapter's files are not in the artifact store: {error}", 409) from None
+            raise DeploymentConflict(f"the adapter's files are not in the artifact store: {error}") from None
     return folder
 
 
@@ -266,7 +271,7 @@ def _base_name(session: Session, base_model_path: str) -> str:
 def get_deployment(session: Session, deployment_id: int) -> Deployment:
     deployment = session.get(Deployment, deployment_id)
     if deployment is None:
-        raise DeploymentError(f"deployment {deployment_id} does not exist", 404)
+        raise DeploymentNotFound(f"deployment {deployment_id} does not exist")
     return deployment
 
 
@@ -345,22 +350,22 @@ def create_deployment(session: Session, data: DeploymentCreate) -> Deployment:
     settings = get_settings()
     run = session.get(Run, data.run_id)
     if run is None:
-        raise DeploymentError(f"run {data.run_id} does not exist", 404, field="run_id")
+        raise DeploymentNotFound(f"run {data.run_id} does not exist", field="run_id")
     checkpoint = data.checkpoint or None
     args = run_training_args(run)
     if args.get("stage") == "rm":
-        raise DeploymentError(
+        raise DeploymentConflict(
             f"run {run.id} trained a reward model (stage: rm): it scores answers instead of writing them, so it "
-            "cannot be deployed for chat", 409, field="run_id",
+            "cannot be deployed for chat", field="run_id",
         )
     manifest = adapter_manifest_for(session, run, checkpoint)
     problem = promotion_problem(session, run.id, checkpoint)
     if problem and not data.force:
-        raise DeploymentError(f"{problem}: not deployed (send \"force\": true to deploy it anyway)", 409,
+        raise DeploymentConflict(f"{problem}: not deployed (send \"force\": true to deploy it anyway)",
                               field="force")
     base_model_path = str(args.get("model_name_or_path") or "")
     if not base_model_path:
-        raise DeploymentError(f"run {run.id} names no base model (model_name_or_path)", 409)
+        raise DeploymentConflict(f"run {run.id} names no base model (model_name_or_path)")
     name = (data.name or "").strip() or _default_name(run, checkpoint)
     if not NAME_PATTERN.match(name):
         raise DeploymentError(
@@ -382,13 +387,12 @@ def create_deployment(session: Session, data: DeploymentCreate) -> Deployment:
         )
     replaced = _active_deployment_named(session, name)
     if replaced is not None and (server is None or replaced.server_id != server.id):
-        raise DeploymentError(
-            f"the name {name} is in use by deployment {replaced.id}; undeploy it first or pick another name",
-            409, field="name",
+        raise DeploymentConflict(
+            f"the name {name} is in use by deployment {replaced.id}; undeploy it first or pick another name", field="name",
         )
     named_base = _active_server_named(session, name)
     if named_base is not None:
-        raise DeploymentError(f"{name} is the name of a served base model; pick another", 409, field="name")
+        raise DeploymentConflict(f"{name} is the name of a served base model; pick another", field="name")
 
     new_server = server is None
     if server is None:
@@ -425,8 +429,8 @@ def create_deployment(session: Session, data: DeploymentCreate) -> Deployment:
 def _require_free_name(session: Session, name: str) -> None:
     """A deployment served alone takes a name no live deployment or served model has."""
     if _active_deployment_named(session, name) or _active_server_named(session, name):
-        raise DeploymentError(f"the name {name} is in use by a deployment or a served model: undeploy it first or "
-                              "pick another name", 409, field="name")
+        raise DeploymentConflict(f"the name {name} is in use by a deployment or a served model: undeploy it first or "
+                              "pick another name", field="name")
 
 
 def _alone_server(session: Session, model: ModelEntry, name: str) -> InferenceServer:
@@ -448,12 +452,12 @@ def _deploy_whole_model(session: Session, run: Run, checkpoint: str | None, mani
     _require_free_name(session, name)
     files = {entry.path for entry in manifest.files}
     if "config.json" not in files or not any(path.endswith(".safetensors") for path in files):
-        raise DeploymentError(f"run {run.id}'s {checkpoint or 'output'} holds no whole model (config.json and "
-                              "safetensors weights) to serve", 409, field="checkpoint")
+        raise DeploymentConflict(f"run {run.id}'s {checkpoint or 'output'} holds no whole model (config.json and "
+                              "safetensors weights) to serve", field="checkpoint")
     try:
         model = export_service.register_stored_model(session, manifest, f"{run.name}-{run.id}-{checkpoint or 'final'}")
     except DomainError as error:  # the artifact store, the model roots
-        raise DeploymentError(f"run {run.id}'s model could not be registered: {error.detail}", 409) from None
+        raise DeploymentConflict(f"run {run.id}'s model could not be registered: {error.detail}") from None
     server = _alone_server(session, model, name)
     deployment = Deployment(name=name, run_id=run.id, checkpoint=checkpoint, server_id=server.id,
                             artifact_digest=manifest.digest, lora_name=name, served_as=SERVED_AS_MODEL,
@@ -518,12 +522,12 @@ def _adapter_spec(session: Session, deployment: Deployment) -> AdapterSpec:
     never another one stored under the same name since (a resumed run's checkpoints)."""
     run = session.get(Run, deployment.run_id) if deployment.run_id else None
     if run is None:
-        raise DeploymentError(f"the run of deployment {deployment.name} was deleted", 409)
+        raise DeploymentConflict(f"the run of deployment {deployment.name} was deleted")
     manifest = adapter_manifest_for(session, run, deployment.checkpoint)
     if deployment.artifact_digest and manifest.digest != deployment.artifact_digest:
-        raise DeploymentError(
+        raise DeploymentConflict(
             f"run {run.id}'s stored {deployment.checkpoint or ADAPTER_ARTIFACT} is no longer the folder deployed "
-            f"as {deployment.name} (it was replaced since): deploy it again", 409,
+            f"as {deployment.name} (it was replaced since): deploy it again",
         )
     return AdapterSpec(deployment_id=deployment.id, lora_name=deployment.lora_name, run_id=run.id, manifest=manifest)
 
@@ -558,11 +562,11 @@ def undeploy(session: Session, deployment_id: int) -> Deployment:
     deployment = get_deployment(session, deployment_id)
     was = DeploymentStatus(deployment.status)
     if was == S.stopped:
-        raise DeploymentError(f"deployment {deployment.name} is already stopped", 409)
+        raise DeploymentConflict(f"deployment {deployment.name} is already stopped")
     allowed = (S.pending, S.starting, S.ready, S.failed)
     if not _transition(session, Deployment, deployment.id, allowed, status=S.stopped, stopped_at=utcnow(),
                        status_reason="undeployed"):
-        raise DeploymentError(f"deployment {deployment.name} is already stopped", 409)
+        raise DeploymentConflict(f"deployment {deployment.name} is already stopped")
     session.commit()
     session.refresh(deployment)
     server = session.get(InferenceServer, deployment.server_id) if deployment.server_id else None
@@ -651,7 +655,7 @@ def claim_server(session: Session, server_id: int, claim: ServerClaim) -> Server
     )
     if result.rowcount != 1:
         session.rollback()
-        raise DeploymentError(f"server {server_id} is not waiting to start on {claim.worker_id}", 409)
+        raise DeploymentConflict(f"server {server_id} is not waiting to start on {claim.worker_id}")
     session.execute(
         update(Deployment)
         .where(Deployment.server_id == server_id, Deployment.status == S.pending)
@@ -674,7 +678,7 @@ def claim_server(session: Session, server_id: int, claim: ServerClaim) -> Server
     if not specs and not server.serves_model_alone:
         # Nothing left to serve: no process to start (and none would be stopped later).
         _finish_server(session, server, S.failed, "; ".join(refused) or "no adapter to serve")
-        raise DeploymentError(f"server {server_id} has no adapter left to serve", 409)
+        raise DeploymentConflict(f"server {server_id} has no adapter left to serve")
     return ServerSpec(
         server_id=server.id,
         backend=server.backend,
@@ -698,7 +702,7 @@ def report_server(session: Session, server_id: int, report: ServerReport) -> Ser
     """A serving worker's report (also its heartbeat). Replies whether to stop the server."""
     server = session.get(InferenceServer, server_id)
     if server is None:
-        raise DeploymentError(f"server {server_id} does not exist", 404)
+        raise DeploymentNotFound(f"server {server_id} does not exist")
     now = utcnow()
     common: dict[str, Any] = {"heartbeat_at": now}
     if report.log_tail is not None:
@@ -731,7 +735,7 @@ def report_server(session: Session, server_id: int, report: ServerReport) -> Ser
     else:
         if DeploymentStatus(server.status).is_finished():
             session.commit()
-            raise DeploymentError(f"server {server_id} is {server.status}", 409)
+            raise DeploymentConflict(f"server {server_id} is {server.status}")
         session.execute(update(InferenceServer).where(InferenceServer.id == server_id).values(**common))
     session.commit()
     session.refresh(server)
@@ -778,7 +782,7 @@ def report_adapter(session: Session, deployment_id: int, report: AdapterReport) 
         if _transition(session, Deployment, deployment_id, (S.starting,), status=S.ready, ready_at=utcnow()):
             session.commit()
         elif deployment.status != S.ready:
-            raise DeploymentError(f"deployment {deployment_id} is {deployment.status}", 409)
+            raise DeploymentConflict(f"deployment {deployment_id} is {deployment.status}")
     else:
         _transition(session, Deployment, deployment_id, (S.starting,), status=S.failed,
                     status_reason=report.reason or "the server refused the adapter", stopped_at=utcnow())
@@ -837,12 +841,12 @@ def resolve_model(session: Session, name: str) -> Route:
     if deployment is not None:
         server = session.get(InferenceServer, deployment.server_id)
         if deployment.status != S.ready or server is None or server.status != S.ready or not server.url:
-            raise DeploymentError(f"the model {name} is {deployment.status}, not ready yet", 409)
+            raise DeploymentConflict(f"the model {name} is {deployment.status}, not ready yet")
         return Route(server.url, deployment.lora_name, server.max_model_len, server.api_key)
     server = _active_server_named(session, name) if name else None
     if server is not None and server.status == S.ready and server.url:
         return Route(server.url, server.base_name, server.max_model_len, server.api_key)
-    raise DeploymentError(f"the model {name!r} does not exist: GET /v1/models lists the deployed ones", 404)
+    raise DeploymentNotFound(f"the model {name!r} does not exist: GET /v1/models lists the deployed ones")
 
 
 def remove_deployment(session: Session, deployment_id: int) -> None:
@@ -850,7 +854,7 @@ def remove_deployment(session: Session, deployment_id: int) -> None:
     running any more, so nothing else changes)."""
     deployment = get_deployment(session, deployment_id)
     if not DeploymentStatus(deployment.status).is_finished():
-        raise DeploymentError(f"deployment {deployment.name} is {deployment.status}: undeploy it first", 409)
+        raise DeploymentConflict(f"deployment {deployment.name} is {deployment.status}: undeploy it first")
     session.delete(deployment)
     session.commit()
 
@@ -864,13 +868,13 @@ def serve_model_alone(session: Session, model_id: int, name: str | None = None) 
     serving slot on a worker that holds the model). Stopped with `stop_model_server`."""
     model = session.get(ModelEntry, model_id)
     if model is None:
-        raise DeploymentError(f"model {model_id} not found", 404)
+        raise DeploymentNotFound(f"model {model_id} not found")
     name = (name or "").strip() or model.name
     if not NAME_PATTERN.match(name):
         raise DeploymentError("a served model's name is 1–200 letters, digits or . _ - : @ / and starts with a "
                               "letter or digit", field="name")
     if _active_server_named(session, name) or _active_deployment_named(session, name):
-        raise DeploymentError(f"the name {name} is in use by a served model or deployment: pick another", 409,
+        raise DeploymentConflict(f"the name {name} is in use by a served model or deployment: pick another",
                               field="name")
     server = _alone_server(session, model, name)
     session.commit()
@@ -882,7 +886,7 @@ def serve_model_alone(session: Session, model_id: int, name: str | None = None) 
 def model_server(session: Session, server_id: int) -> InferenceServer:
     server = session.get(InferenceServer, server_id)
     if server is None or not server.serves_model_alone:
-        raise DeploymentError(f"no served model {server_id}", 404)
+        raise DeploymentNotFound(f"no served model {server_id}")
     session.refresh(server)
     return server
 
